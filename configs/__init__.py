@@ -1,0 +1,1 @@
+"""Ready-made YAML configs, installed as package data (see ``resolve_config``)."""

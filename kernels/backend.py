@@ -1,0 +1,45 @@
+"""Which implementation runs a kernel: the Triton kernels or the pure-PyTorch reference.
+
+``VM_UNET_BACKEND`` = ``auto`` (default: Triton for CUDA tensors, PyTorch otherwise), ``triton`` (force Triton;
+on CPU this needs ``TRITON_INTERPRET=1``) or ``torch`` (force the reference everywhere).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def requested_backend() -> str:
+    value = os.environ.get("VM_UNET_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"VM_UNET_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton path should run for these tensors."""
+    backend = requested_backend()
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("VM_UNET_BACKEND=triton but triton is not installed (pip install triton)")
+        if not on_cuda and not triton_interpreting():
+            raise RuntimeError("VM_UNET_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
+        return True
+    return on_cuda and triton_available()

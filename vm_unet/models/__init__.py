@@ -1,0 +1,18 @@
+"""Model families and the registry of ready-made configurations."""
+from .registry import create_model, list_models, model_config, model_entry, register_model
+from .vmamba import SS2D, VSSBlock, VSSEncoder
+from .vmamba_fast import VSSBlockFast, VSSEncoderFast
+from .vmunet import VMUNet
+
+register_model("vmunet_isic", VMUNet, "published VM-UNet, ISIC config: depths [2,2,2,2] / decoder [2,2,2,1]",
+               dims=[96, 192, 384, 768], depths=[2, 2, 2, 2], depths_decoder=[2, 2, 2, 1], d_state=16,
+               drop_path_rate=0.2, family="v0")
+register_model("vmunet", VMUNet, "published VM-UNet default: depths [2,2,9,2] / decoder [2,9,2,2]",
+               dims=[96, 192, 384, 768], depths=[2, 2, 9, 2], depths_decoder=[2, 9, 2, 2], d_state=16,
+               drop_path_rate=0.2, family="v0")
+register_model("vmunet_fast", VMUNet, "VMamba v2 blocks (d_state 1, MLP, channel-first) in the VM-UNet wiring",
+               dims=[96, 192, 384, 768], depths=[2, 2, 2, 2], depths_decoder=[2, 2, 2, 1], d_state=1,
+               drop_path_rate=0.2, family="fast", ssm_ratio=1.0, mlp_ratio=4.0)
+
+__all__ = ["SS2D", "VMUNet", "VSSBlock", "VSSBlockFast", "VSSEncoder", "VSSEncoderFast", "create_model",
+           "list_models", "model_config", "model_entry", "register_model"]

@@ -1,0 +1,50 @@
+"""Model registry: ``create_model(name, in_chans, num_classes, **overrides)`` and ``list_models()``."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    builder: Callable[..., nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], description: str = "", **defaults: Any) -> None:
+    if name in _REGISTRY:
+        raise KeyError(f"model {name!r} is already registered")
+    _REGISTRY[name] = ModelEntry(builder, dict(defaults), description)
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def model_config(name: str, in_chans: int = 3, num_classes: int = 1, **overrides: Any) -> dict[str, Any]:
+    """The full keyword arguments ``create_model`` would pass to the builder (stored in checkpoints)."""
+    entry = model_entry(name)
+    accepted = set(inspect.signature(entry.builder).parameters)
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
+    return {**entry.defaults, "in_chans": in_chans, "num_classes": num_classes, **overrides}
+
+
+def create_model(name: str, in_chans: int = 3, num_classes: int = 1, **overrides: Any) -> nn.Module:
+    """Build a registered model. ``overrides`` replace the registered defaults (e.g. ``dims``, ``depths``)."""
+    entry = model_entry(name)
+    return entry.builder(**model_config(name, in_chans, num_classes, **overrides))

@@ -1,0 +1,226 @@
+"""VMamba v0 building blocks as used by the published VM-UNet (GUIDE §1), in (B, H, W, C) layout.
+
+Parameter shapes and names follow the published code (``x_proj_weight``, ``dt_projs_weight``, ``A_logs``, ...), so
+official checkpoints map onto these modules by renaming only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vm_unet.kernels import ss2d_core
+from vm_unet.kernels.routes import num_directions
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval or with p=0)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def init_dt_bias(d_inner: int, copies: int, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4) -> torch.Tensor:
+    """mamba_init: dt ~ logUniform[dt_min, dt_max], stored as inverse-softplus so softplus(bias) = dt."""
+    dt = torch.exp(torch.rand(copies, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def init_dt_weight(d_inner: int, dt_rank: int, copies: int, dt_scale: float = 1.0) -> torch.Tensor:
+    std = dt_rank ** -0.5 * dt_scale
+    return torch.empty(copies, d_inner, dt_rank).uniform_(-std, std)
+
+
+def init_A_logs(d_inner: int, d_state: int, copies: int) -> torch.Tensor:
+    """A = -(1..N) per row, stored as log."""
+    a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(copies * d_inner, 1)
+    return torch.log(a)
+
+
+class SS2D(nn.Module):
+    """2D selective scan: in_proj -> depthwise conv + SiLU -> route scan -> merge -> LayerNorm -> gate -> out_proj.
+
+    ``route`` chooses how the image is turned into sequences (kernels.routes); VMamba's is ``cross`` (K=4).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: float = 2.0,
+                 dt_rank: int | str = "auto", route: str = "cross", dropout: float = 0.0, bias: bool = False,
+                 conv_bias: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.route = route
+        k = num_directions(route)
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
+        self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2,
+                                groups=self.d_inner, bias=conv_bias)
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(k, self.dt_rank + 2 * d_state, self.d_inner).uniform_(-1, 1) / math.sqrt(self.d_inner))
+        self.dt_projs_weight = nn.Parameter(init_dt_weight(self.d_inner, self.dt_rank, k))
+        self.dt_projs_bias = nn.Parameter(init_dt_bias(self.d_inner, k))
+        self.A_logs = nn.Parameter(init_A_logs(self.d_inner, d_state, k))
+        self.Ds = nn.Parameter(torch.ones(k * self.d_inner))
+        self.out_norm = nn.LayerNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Keep the mamba-initialised SSM parameters when the model applies its generic Linear init.
+        for p in (self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds):
+            p._no_weight_decay = True
+
+    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, D, H, W) -> merged scan output (B, D, H, W)."""
+        r, n = self.dt_rank, self.d_state
+        proj = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)
+        dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
+        A = -torch.exp(self.A_logs.float())
+        return ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, self.route)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(x)
+        x, z = xz.chunk(2, dim=-1)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
+        y = self.forward_core(x).permute(0, 2, 3, 1)
+        y = self.out_norm(y) * F.silu(z)
+        return self.dropout(self.out_proj(y))
+
+
+class VSSBlock(nn.Module):
+    """``x + DropPath(SS2D(LayerNorm(x)))``: the VM-UNet block has no MLP."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16, route: str = "cross",
+                 attn_drop: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.ss2d = SS2D(dim, d_state=d_state, route=route, dropout=attn_drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.ss2d(self.norm(x)))
+
+
+class PatchEmbed2D(nn.Module):
+    """Conv(k=4, s=4) + LayerNorm -> (B, H/4, W/4, C)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 4):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging2D(nn.Module):
+    """Gather 2×2 -> LayerNorm(4C) -> Linear(4C -> 2C, no bias). Input sizes are even (the model pads)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class PatchExpand2D(nn.Module):
+    """Linear(c_in -> scale²·c_out, no bias) -> scale×scale pixel shuffle -> LayerNorm(c_out).
+
+    Published VM-UNet: decoder expand c_in = 2c, scale 2 (c_out = c); final expand c_in = 96, scale 4 (c_out = 24).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, scale: int):
+        super().__init__()
+        self.scale = scale
+        self.expand = nn.Linear(in_dim, scale * scale * out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        s = self.scale
+        x = self.expand(x).view(b, h, w, s, s, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, -1)
+        return self.norm(x)
+
+
+class VSSStage(nn.Module):
+    """Encoder stage: VSS blocks, then (except the last stage) PatchMerging2D.
+
+    Returns (features after the blocks, input of the next stage)."""
+
+    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], d_state: int, route: str,
+                 downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([VSSBlock(dim, drop_path[i], d_state, route) for i in range(depth)])
+        self.downsample = PatchMerging2D(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for blk in self.blocks:
+            x = blk(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class VSSEncoder(nn.Module):
+    """VMamba v0 encoder: patch embed (H/4), stages of VSS blocks with patch merging between them.
+
+    ``forward_stages`` returns, per stage, the input it received and the features its blocks produced; VM-UNet
+    uses the inputs as skips, backbones (smp/MONAI) use the features.
+    """
+
+    def __init__(self, in_chans: int = 3, dims: Sequence[int] = (96, 192, 384, 768),
+                 depths: Sequence[int] = (2, 2, 9, 2), d_state: int = 16, drop_path: Sequence[float] | None = None,
+                 route: str = "cross"):
+        super().__init__()
+        if len(dims) != len(depths):
+            raise ValueError(f"dims {list(dims)} and depths {list(depths)} must have the same length")
+        drop_path = list(drop_path) if drop_path is not None else [0.0] * sum(depths)
+        self.dims = list(dims)
+        self.patch_embed = PatchEmbed2D(in_chans, dims[0])
+        self.layers = nn.ModuleList()
+        start = 0
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            self.layers.append(VSSStage(dim, depth, drop_path[start:start + depth], d_state, route,
+                                        downsample=i < len(dims) - 1))
+            start += depth
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """x (B, C, H, W) -> (stage inputs, stage features, last output), all (B, h, w, c)."""
+        x = self.patch_embed(x)
+        inputs, feats = [], []
+        for layer in self.layers:
+            inputs.append(x)
+            feat, x = layer(x)
+            feats.append(feat)
+        return inputs, feats, x
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale features (B, c_i, H/2^(i+2), W/2^(i+2)) in channel-first layout, for backbones."""
+        return [f.permute(0, 3, 1, 2).contiguous() for f in self.forward_stages(x)[1]]
+
+
+def init_vmamba_weights(module: nn.Module) -> None:
+    """Published init: Linear trunc-normal(.02) with zero bias, LayerNorm 1/0 (SSM parameters keep mamba_init)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
