@@ -1,0 +1,167 @@
+"""Selective scan in Triton (forward and backward), registered as torch custom ops.
+
+Same signature and return convention as ``selective_scan_torch`` / mamba's ``selective_scan_fn``. Inputs may be
+fp32, bf16 or fp16 (mixed too, as autocast leaves them); state and accumulation are fp32 and the output has u's
+dtype. The ops are ``vm_unet::selective_scan_fwd`` / ``vm_unet::selective_scan_bwd`` with fake (meta)
+implementations, so ``torch.compile`` traces through them without graph breaks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .selective_scan_torch import _prepare
+from . import triton_scan_core as core  # kernels looked up at call time: tests may reload it for the interpreter
+
+
+def _strides4(t: torch.Tensor, groups: int):
+    """Strides (batch, group, channel-in-group, position) of a (b, G*Dg, L) tensor viewed as groups."""
+    dg = t.shape[1] // groups
+    return t.stride(0), dg * t.stride(1), t.stride(1), t.stride(2)
+
+
+def _bc4(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 4 else t.unsqueeze(1)
+
+
+def _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, out, states, last, store_states, write_out):
+    batch, dim, length = u.shape
+    groups, n_state = B4.shape[1], A.shape[1]
+    dk = dim // groups
+    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=store_states and not write_out)
+    nchunk = triton_cdiv(length, bl)
+    if states is None:
+        states = u  # never touched: STORE_STATES is off
+    grid = (triton_cdiv(dk, bd), groups, batch)
+    zz = z if z is not None else u
+    core._scan_fwd_kernel[grid](
+        u, *_strides4(u, groups),
+        delta, *_strides4(delta, groups),
+        A, 0, 0,
+        delta_bias if delta_bias is not None else A, A, D if D is not None else A,
+        B4, *B4.stride(), C4, *C4.stride(),
+        zz, *_strides4(zz, groups),
+        A, 0,
+        out if out is not None else u, *_strides4(out if out is not None else u, groups),
+        states, last,
+        groups, dk, length, n_state, 0, nchunk,
+        BD=bd, NP=np_, BL=bl, GATHER=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_OUT=False, WRITE_OUT=write_out,
+        STORE_STATES=store_states, WRITE_LAST=last is not None, num_warps=warps,
+    )
+    return bd, bl, nchunk
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("vm_unet::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                       delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, dim, _ = u.shape
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    last = torch.empty(batch, dim, A.shape[1], device=u.device, dtype=torch.float32)
+    _launch_fwd(u, delta, A.contiguous(), _bc4(B), _bc4(C), D, z, delta_bias, delta_softplus, out, None, last,
+                store_states=False, write_out=True)
+    return out, last.to(u.dtype)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+
+
+@torch.library.custom_op("vm_unet::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                       B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                       delta_bias: Optional[torch.Tensor], delta_softplus: bool) -> list[torch.Tensor]:
+    """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]; entries for absent inputs are empty tensors."""
+    batch, dim, length = u.shape
+    A = A.contiguous()
+    B4, C4 = _bc4(B), _bc4(C)
+    groups, n_state = B4.shape[1], A.shape[1]
+    dk = dim // groups
+    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=True)
+    nchunk = triton_cdiv(length, bl)
+    states = torch.empty(batch * dim * nchunk * np_, device=u.device, dtype=torch.float32)
+    _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, None, states, None,
+                store_states=True, write_out=False)
+    grad_out = grad_out.contiguous()
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(B4.shape, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
+    dA = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
+    dD = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    dbias = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    zz = z if z is not None else u
+    dzz = dz if dz is not None else du
+    if dz is not None and dz.stride() != zz.stride():
+        zz = zz.contiguous()
+    grid = (triton_cdiv(dk, bd), groups, batch)
+    core._scan_bwd_kernel[grid](
+        u, *_strides4(u, groups),
+        delta, *_strides4(delta, groups),
+        A, 0, 0,
+        delta_bias if delta_bias is not None else A, A, D if D is not None else A,
+        B4, *B4.stride(), C4, *C4.stride(),
+        zz, *_strides4(zz, groups),
+        A, 0,
+        grad_out, *_strides4(grad_out, groups),
+        states,
+        du, *_strides4(du, groups),
+        ddelta, *_strides4(ddelta, groups),
+        dzz,
+        dB, *dB.stride(), dC, *dC.stride(),
+        dA, dD, dbias, dA,
+        groups, dk, length, n_state, 0, nchunk,
+        BD=bd, NP=np_, BL=bl, RP=1, GATHER=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_DU=False, num_warps=warps,
+    )
+    empty = u.new_empty(0)
+    return [du, ddelta, dA.sum(0).to(A.dtype), dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else empty, dz if dz is not None else empty,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else empty]
+
+
+@selective_scan_bwd.register_fake
+def _(grad_out, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    empty = u.new_empty(0)
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D) if D is not None else empty,
+            torch.empty_like(z) if z is not None else empty,
+            torch.empty_like(delta_bias) if delta_bias is not None else empty]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, grad_out, grad_last):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd(grad_out, u, delta, A, B, C, D, z, delta_bias,
+                                                               ctx.delta_softplus)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None)
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """Triton selective scan (mamba ``selective_scan_fn`` signature); see ``selective_scan_torch`` for the math.
+
+    The last state is not differentiable (as in the reference).
+    """
+    _prepare(u, delta, A, B, C, D, z, delta_bias)
+    out, last = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return (out, last) if return_last_state else out
