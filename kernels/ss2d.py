@@ -9,18 +9,22 @@
     dt_bias   (K, D)            δ bias (softplus is always applied, as in VMamba)
     A         (K*D, N)          negative real decay rates (= -exp(A_logs))
     Ds        (K*D,)            skip term
-    route                       name of a scan route (kernels.routes)
+    route                       name of a scan route (kernels.routes), or its index map as a LongTensor:
+                                (K, H*W) static, or (b, K, H*W) per sample (data-dependent routes, e.g. quadtree)
 returns y     (b, D, H, W)      sum over directions of each direction's output, in image layout.
 
 Because x_proj is a per-pixel linear map, projecting in image layout and then reading in route order equals
 VMamba's "cross-scan, then project per direction"; the fused Triton kernel exploits exactly this.
+
+Index-map routes: a per-sample map always runs the unfused path (gather, ``selective_scan_fn``, merge), so on CUDA
+the scan itself is still the Triton kernel; the fused kernel reads one (K, H*W) map shared by the batch.
 """
 from __future__ import annotations
 
 import torch
 
 from .backend import use_triton
-from .routes import cross_merge, cross_scan, num_directions
+from .routes import _gather_seq, _maps, cross_merge, cross_scan, num_directions
 from .selective_scan import selective_scan_fn
 
 
@@ -29,13 +33,17 @@ def _check(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route):
         raise ValueError(f"ss2d_core: x must be (b, D, H, W), got {tuple(x.shape)}")
     b, d, h, w = x.shape
     k = num_directions(route)
+    if isinstance(route, torch.Tensor) and (route.shape[-1] != h * w or (route.dim() == 3 and route.shape[0] != b)):
+        raise ValueError(f"ss2d_core: an index-map route must be (K, {h * w}) or ({b}, K, {h * w}), "
+                         f"got {tuple(route.shape)}")
     r, n = dt_weight.shape[-1], A.shape[-1]
     expect = {"dt_low": (dt_low, (b, k, r, h, w)), "B": (B, (b, k, n, h, w)), "C": (C, (b, k, n, h, w)),
               "dt_weight": (dt_weight, (k, d, r)), "dt_bias": (dt_bias, (k, d)), "A": (A, (k * d, n)),
               "Ds": (Ds, (k * d,))}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape:
-            raise ValueError(f"ss2d_core: {name} must have shape {shape} for route {route!r}, got {tuple(t.shape)}")
+            what = route if isinstance(route, str) else f"index map {tuple(route.shape)}"
+            raise ValueError(f"ss2d_core: {name} must have shape {shape} for route {what!r}, got {tuple(t.shape)}")
 
 
 def ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
@@ -43,12 +51,10 @@ def ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross
     b, d, h, w = x.shape
     k = dt_weight.shape[0]
     length = h * w
+    idx = _maps(route, b, h, w, x.device, inverse=False)              # (K, L) or (b, K, L)
     xs = cross_scan(x, route)                                         # (b, K, D, L)
-    lows = cross_scan(dt_low.flatten(1, 2), route).view(b, k, k, -1, length)
-    lows = torch.diagonal(lows, dim1=1, dim2=2).permute(0, 3, 1, 2)   # (b, K, R, L): direction k of map k
-    Bs = torch.diagonal(cross_scan(B.flatten(1, 2), route).view(b, k, k, -1, length), dim1=1, dim2=2)
-    Cs = torch.diagonal(cross_scan(C.flatten(1, 2), route).view(b, k, k, -1, length), dim1=1, dim2=2)
-    Bs, Cs = Bs.permute(0, 3, 1, 2), Cs.permute(0, 3, 1, 2)          # (b, K, N, L)
+    # direction k's projections are read through map k only (no K x K copies)
+    lows, Bs, Cs = (_gather_seq(t.flatten(3), idx) for t in (dt_low, B, C))   # (b, K, R|N, L)
     dts = torch.einsum("bkrl,kdr->bkdl", lows, dt_weight.to(lows.dtype))
     ys = selective_scan_fn(xs.reshape(b, k * d, length), dts.reshape(b, k * d, length), A, Bs.contiguous(),
                            Cs.contiguous(), Ds, None, dt_bias.reshape(-1), True)
@@ -56,9 +62,9 @@ def ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross
 
 
 def ss2d_core(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
-    """Fused on CUDA (Triton), reference elsewhere; see the module docstring for shapes."""
+    """Fused on CUDA (Triton), reference elsewhere; index-map routes take the unfused path (module docstring)."""
     _check(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
-    if use_triton(x):
+    if use_triton(x) and isinstance(route, str):
         from .triton_ss2d import ss2d_core_triton  # noqa: PLC0415 (triton is imported only when used)
         return ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
     return ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
