@@ -315,10 +315,13 @@ def tile_config(n_state: int, length: int, channels: int, backward: bool) -> tup
     key = "bwd" if backward else "fwd"
     if TILE_OVERRIDE and key in TILE_OVERRIDE:
         bd, bl, warps = TILE_OVERRIDE[key]
+    elif np_ <= 2:
+        # measured on H200 (BENCHMARKS.md, stage-1 256² b32, N=1): wide chunks amortise the per-chunk overhead
+        bd, bl, warps = (16, 64, 4) if backward else (32, 128, 8)
     else:
-        budget = 2048 if not backward else 2048
-        bl = min(32 if np_ >= 16 else 64, next_pow2(length))
-        bd = max(1, min(32, budget // (np_ * bl)))
+        # N=16 measured best at 16x16x16 tiles fwd and bwd; other N keep ~4096-element tiles
+        bl = 16 if np_ >= 16 else 32
+        bd = max(1, min(16, 4096 // (np_ * bl)))
         warps = 4
     bd = max(1, min(bd, next_pow2(channels)))
     bl = max(1, min(bl, next_pow2(length)))

@@ -122,19 +122,18 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
         BD=bd, NP=np_, BL=bl, RP=1, GATHER=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_DU=False, num_warps=warps,
     )
-    empty = u.new_empty(0)
+    # each absent gradient gets its own empty tensor: custom-op outputs may not alias each other
     return [du, ddelta, dA.sum(0).to(A.dtype), dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else empty, dz if dz is not None else empty,
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else empty]
+            dD.sum(0).to(D.dtype) if D is not None else u.new_empty(0), dz if dz is not None else u.new_empty(0),
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)]
 
 
 @selective_scan_bwd.register_fake
 def _(grad_out, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    empty = u.new_empty(0)
     return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C), torch.empty_like(D) if D is not None else empty,
-            torch.empty_like(z) if z is not None else empty,
-            torch.empty_like(delta_bias) if delta_bias is not None else empty]
+            torch.empty_like(C), torch.empty_like(D) if D is not None else u.new_empty(0),
+            torch.empty_like(z) if z is not None else u.new_empty(0),
+            torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):

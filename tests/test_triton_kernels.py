@@ -1,0 +1,250 @@
+"""Triton scan kernels vs the PyTorch references (issue 3).
+
+On CPU the kernels run under Triton's interpreter: TRITON_INTERPRET must be set before the kernels are *defined*
+(``triton.jit`` picks the interpreter at decoration time), so it is set here at import, and the shared kernel
+module is reloaded if another test module already imported it compiled. The wrappers look the kernels up on
+that module at call time, so they pick up the reloaded ones. On a CUDA machine the CPU tests are skipped and the
+``gpu`` tests run compiled kernels at real sizes.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from vm_unet.kernels import routes  # noqa: E402
+from vm_unet.kernels import triton_scan_core as core  # noqa: E402
+from vm_unet.kernels.selective_scan import selective_scan_fn  # noqa: E402
+from vm_unet.kernels.selective_scan_torch import selective_scan_torch  # noqa: E402
+from vm_unet.kernels.ss2d import ss2d_core, ss2d_core_reference  # noqa: E402
+from vm_unet.kernels.triton_selective_scan import selective_scan_triton  # noqa: E402
+from vm_unet.kernels.triton_ss2d import ss2d_core_triton  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(core._scan_fwd_kernel, InterpretedFunction):
+        importlib.reload(core)
+
+cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (CUDA present: see the gpu tests)")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SCAN_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+SS2D_NAMES = ["x", "dt_low", "B", "C", "dt_weight", "dt_bias", "A", "Ds"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("VM_UNET_BACKEND", "triton")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def scan_inputs(b, dm, L, N, groups, dtype, device="cpu", z=True, D=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g) * scale + shift).to(device)
+    bc = (b, groups, N, L) if groups else (b, N, L)
+    return [r(b, dm, L).to(dtype), r(b, dm, L, scale=0.5, shift=-1.0).to(dtype),
+            -(torch.rand(dm, N, generator=g) * 2 + 0.1).to(device), r(*bc).to(dtype), r(*bc).to(dtype),
+            r(dm) if D else None, r(b, dm, L).to(dtype) if z else None, r(dm, scale=0.3) if bias else None]
+
+
+def ss2d_inputs(b, d, h, w, r, N, dtype, k=4, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g) * scale + shift).to(device)
+    return [rn(b, d, h, w).to(dtype), rn(b, k, r, h, w, scale=0.5).to(dtype), rn(b, k, N, h, w).to(dtype),
+            rn(b, k, N, h, w).to(dtype), rn(k, d, r, scale=0.5), rn(k, d, scale=0.5, shift=-1.0),
+            -(torch.rand(k * d, N, generator=g) * 2 + 0.1).to(device), rn(k * d)]
+
+
+def grads(out, inputs, g):
+    live = [t for t in inputs if t is not None]
+    return list(torch.autograd.grad(out, live, g))
+
+
+def compare_scan(args, softplus, tol, ref_dtype=torch.float64):
+    """Triton (inputs as given) vs the PyTorch reference on the same values in ref_dtype: out, last state, grads."""
+    tri = [t.detach().clone().requires_grad_(True) if t is not None else None for t in args]
+    ref = [t.detach().to(ref_dtype).requires_grad_(True) if t is not None else None for t in args]
+    out, last = selective_scan_triton(*tri, delta_softplus=softplus, return_last_state=True)
+    out_r, last_r = selective_scan_torch(*ref, delta_softplus=softplus, return_last_state=True)
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    errs = {"out": rel(out, out_r), "last": rel(last, last_r)}
+    names = [n for n, t in zip(SCAN_NAMES, args) if t is not None]
+    for n, a, b in zip(names, grads(out, tri, g.to(out.dtype)), grads(out_r, ref, g.to(ref_dtype))):
+        assert a.shape == b.shape, n
+        errs["d" + n] = rel(a, b)
+    bad = {k: v for k, v in errs.items() if not v <= tol}  # `not <=` also catches NaN
+    assert not bad, f"rel errors over {tol}: {bad}"
+
+
+def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None):
+    tri = [t.detach().clone().requires_grad_(True) for t in args]
+    ref = [t.detach().to(ref_dtype).requires_grad_(True) for t in args]
+    y = ss2d_core_triton(*tri, route=route)
+    monkeypatch.setenv("VM_UNET_BACKEND", "torch")
+    y_r = ss2d_core_reference(*ref, route=route)
+    monkeypatch.setenv("VM_UNET_BACKEND", "triton")
+    assert y.dtype == args[0].dtype and y.shape == args[0].shape
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    errs = {"y": rel(y, y_r)}
+    for n, a, b in zip(SS2D_NAMES, grads(y, tri, g.to(y.dtype)), grads(y_r, ref, g.to(ref_dtype))):
+        assert a.shape == b.shape, n
+        errs["d" + n] = rel(a, b)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"rel errors over {tol}: {bad}"
+
+
+# ---------------------------------------------------------------- CPU (interpreter), tiny shapes
+
+@cpu_only
+@pytest.mark.parametrize("N,groups,dtype,L", [
+    (16, 0, torch.float32, 37),     # ungrouped, L not a multiple of any block
+    (1, 2, torch.float32, 21),      # grouped, N=1
+    (16, 2, torch.bfloat16, 19),    # bf16 inputs, fp32 state
+    (5, 0, torch.float16, 9),       # N not a power of two, fp16
+])
+def test_scan_matches_reference(N, groups, dtype, L):
+    args = scan_inputs(2, 4, L, N, groups, dtype)
+    compare_scan(args, softplus=True, tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@cpu_only
+def test_scan_without_optionals_and_long_chunks():
+    # no D / z / bias / softplus; L spans several chunks; N=64 takes the slow-but-correct path
+    args = scan_inputs(1, 3, 70, 64, 0, torch.float32, z=False, D=False, bias=False)
+    args[1] = args[1].abs() * 0.3  # without softplus Δ must stay positive for a stable decay
+    compare_scan(args, softplus=False, tol=1e-5)
+
+
+@cpu_only
+def test_selective_scan_fn_dispatches_to_triton(monkeypatch):
+    args = scan_inputs(1, 2, 8, 4, 0, torch.float32)
+    out = selective_scan_fn(*args, delta_softplus=True)
+    monkeypatch.setenv("VM_UNET_BACKEND", "torch")
+    assert rel(out, selective_scan_fn(*args, delta_softplus=True)) < 1e-5
+
+
+@cpu_only
+@pytest.mark.parametrize("b,d,h,w,r,N,dtype", [
+    (2, 5, 3, 7, 3, 16, torch.float32),    # odd H/W, D not a multiple of the channel block
+    (1, 4, 5, 5, 2, 1, torch.float32),     # N=1
+    (1, 3, 3, 5, 2, 16, torch.bfloat16),   # bf16
+])
+def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, monkeypatch):
+    compare_ss2d(ss2d_inputs(b, d, h, w, r, N, dtype), "cross", 1e-5 if dtype == torch.float32 else 2e-2,
+                 monkeypatch=monkeypatch)
+
+
+@routes.register_route("test_random_pair")
+def _random_pair(h, w):
+    # any permutation route works through the index map: two arbitrary orders, no kernel change
+    g = torch.Generator().manual_seed(h * 1000 + w)
+    return torch.stack([torch.randperm(h * w, generator=g), torch.randperm(h * w, generator=g)])
+
+
+@cpu_only
+def test_ss2d_generic_route(monkeypatch):
+    compare_ss2d(ss2d_inputs(1, 3, 4, 5, 2, 4, torch.float32, k=2), "test_random_pair", 1e-5,
+                 monkeypatch=monkeypatch)
+
+
+@cpu_only
+def test_ss2d_core_dispatch_and_autocast():
+    args = ss2d_inputs(1, 2, 3, 3, 2, 2, torch.float32)
+    y = ss2d_core(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac = ss2d_core(*args)
+    assert y_ac.dtype == torch.float32  # fp32 inside: autocast does not downcast the op
+    assert rel(y_ac, y) < 1e-6
+
+
+@cpu_only
+def test_custom_ops_trace_under_compile():
+    args = ss2d_inputs(1, 2, 3, 3, 2, 2, torch.float32)
+    for t in args:
+        t.requires_grad_(True)
+    eager = ss2d_core_triton(*args)
+    compiled = torch.compile(lambda *a: ss2d_core_triton(*a), backend="aot_eager", fullgraph=True)
+    out = compiled(*args)
+    assert rel(out, eager) < 1e-6
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in args)
+    s_args = [t.requires_grad_(True) if t is not None else None for t in scan_inputs(1, 2, 6, 2, 0, torch.float32)]
+    fn = torch.compile(lambda *a: selective_scan_triton(*a, delta_softplus=True), backend="aot_eager",
+                       fullgraph=True)
+    fn(*s_args).sum().backward()
+    assert s_args[0].grad is not None
+
+
+@cpu_only
+def test_opcheck_fake_and_autograd_registration():
+    from torch.library import opcheck
+    args = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32)
+    idx = routes.route_indices("cross", 2, 3).to(torch.int32)
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, idx),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    s = scan_inputs(1, 2, 5, 2, 0, torch.float32)
+    opcheck(torch.ops.vm_unet.selective_scan_fwd.default, (*s, True),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_gpu_scan_random_shapes(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        b = int(torch.randint(1, 4, (1,), generator=gen))
+        groups = int(torch.randint(0, 3, (1,), generator=gen))
+        dm = (groups or 1) * int(torch.randint(8, 96, (1,), generator=gen))
+        L = int(torch.randint(100, 5000, (1,), generator=gen))
+        N = [1, 4, 16, 64][int(torch.randint(0, 4, (1,), generator=gen))]
+        args = scan_inputs(b, dm, L, N, groups, dtype, device="cuda", seed=L)
+        compare_scan(args, softplus=True, tol=tol)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_gpu_ss2d_random_shapes(dtype, tol, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    for N in (1, 16):
+        b = int(torch.randint(1, 3, (1,), generator=gen))
+        d = int(torch.randint(16, 200, (1,), generator=gen))
+        h, w = (int(v) for v in torch.randint(5, 70, (2,), generator=gen))
+        r = int(torch.randint(1, 13, (1,), generator=gen))
+        compare_ss2d(ss2d_inputs(b, d, h, w, r, N, dtype, device="cuda", seed=h * w), "cross", tol,
+                     monkeypatch=monkeypatch)
+
+
+@gpu
+@needs_cuda
+def test_gpu_long_sequence_no_nan():
+    L = 262_144
+    args = scan_inputs(1, 8, L, 16, 0, torch.bfloat16, device="cuda")
+    tri = [t.requires_grad_(True) if t is not None else None for t in args]
+    out = selective_scan_triton(*tri, delta_softplus=True)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in tri if t is not None)
+    x = ss2d_inputs(1, 8, 512, 512, 2, 16, torch.float32, device="cuda")
+    assert torch.isfinite(ss2d_core_triton(*x)).all()
