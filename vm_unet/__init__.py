@@ -20,3 +20,4 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = ["VMUNet", "__version__", "create_model", "cross_merge", "cross_scan", "list_models", "list_routes",
            "selective_scan_fn"]
+from vm_unet.integrations import register_all as _register; _register()  # noqa: E402,E702 (smp/MONAI hooks)
