@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vm_unet.kernels import ss2d_core
-from vm_unet.kernels.routes import num_directions
+from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
 
 
 class DropPath(nn.Module):
@@ -53,10 +53,97 @@ def init_A_logs(d_inner: int, d_state: int, copies: int) -> torch.Tensor:
     return torch.log(a)
 
 
+class QuadtreeRouter(nn.Module):
+    """QuadMamba's learnable quadtree scan for one block: scores -> which quadrants to refine -> per-sample order.
+
+    Follows QuadMamba (Xie et al., NeurIPS 2024): a light predictor scores the locality of every token from its
+    own features and the global mean (DynamicViT-style local + global branches); the token scores are averaged
+    over the 4 coarse quadrants (1/2 of each side); the ``refine`` best quadrants are split again into 4
+    sub-quadrants (1/4 of each side), chosen by Gumbel-softmax (noise in training, plain arg-top-k in eval, so
+    eval is deterministic); the sequence lists quadrants (and inside refined ones, sub-quadrants) in row-major
+    order, each scanned row-major, plus its reverse (K = 2, as in QuadMamba); block ``shift_index`` moves the
+    partition by ``kernels.routes.QUADTREE_SHIFTS`` (omnidirectional shifting, cyclic).
+
+    The straight-through mask: the paper builds both the coarse and the fine sequence and mixes them with the
+    hard-forward / soft-backward mask M, and mixes the two un-scans of the output the same way. Here the scan runs
+    once on the hard per-sample order, and the same gradient reaches M through terms that are exactly zero in the
+    forward: ``x + (M_soft - M_soft.detach()) * U_hard(S_fine x - S_coarse x)`` before the projections and the
+    scan, and ``y + (M_soft - M_soft.detach()) * (U_fine S_hard y - U_coarse S_hard y)`` after the merge (S/U:
+    scan/un-scan by an order). Because the second direction is the reverse of the first, one term per side covers
+    both directions. Differences from the paper: the predictor widths (hidden = d_inner/16), the shift amount (half
+    a fine window) and the shift cycle (none, right, down, left, up) are our choices; odd sides split with the
+    larger half first; the scores are computed from the block's conv output (d_inner channels).
+    """
+
+    def __init__(self, dim: int, refine: int = 1, tau: float = 1.0):
+        super().__init__()
+        if not 1 <= refine <= 3:
+            raise ValueError(f"quadtree refine must be 1..3 of the 4 quadrants, got {refine}")
+        hidden = max(dim // 16, 8)     # light: ~3% of the model over all blocks
+        self.refine, self.tau = refine, tau
+        self.shift_index = 0            # set by the encoder/U-Net: the block's position in the network
+        self.norm = nn.LayerNorm(dim)
+        self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU())
+        self.score = nn.Sequential(nn.Linear(2 * hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1))
+
+    def extra_repr(self) -> str:
+        return f"refine={self.refine}, tau={self.tau}, shift_index={self.shift_index}"
+
+    def forward(self, x: torch.Tensor) -> "QuadtreePlan":
+        """x (b, D, H, W) -> the plan: per-sample index map (b, 2, H*W) and the straight-through terms."""
+        b, _, h, w = x.shape
+        tok = self.local(self.norm(x.permute(0, 2, 3, 1)))                       # (b, H, W, hidden)
+        glob = tok.mean(dim=(1, 2), keepdim=True).expand_as(tok)
+        scores = self.score(torch.cat([tok, glob], dim=-1)).float().view(b, h * w)
+        coarse, fine, inv_coarse, inv_fine, win_seq, win_pix, counts = quadtree_orders(
+            h, w, quadtree_shift(h, w, self.shift_index), x.device)
+        logits = scores.new_zeros(b, 4).index_add(1, win_pix, scores) / counts.clamp(min=1)
+        # empty quadrants (a side of 1) are never refined; a finite floor keeps softmax gradients finite
+        logits = logits.masked_fill(counts == 0, -1e4)
+        if self.training:
+            gumbel = -torch.empty_like(logits).exponential_().log()
+            logits = logits + gumbel
+        soft = torch.softmax(logits / self.tau, dim=-1)
+        refine = min(self.refine, int((counts > 0).sum()))
+        hard = torch.zeros_like(soft).scatter_(1, logits.topk(refine, dim=-1).indices, 1.0)
+        order = torch.where(hard[:, win_seq] > 0, fine, coarse)                    # (b, L)
+        return QuadtreePlan(order, soft, hard, fine, coarse, inv_fine, inv_coarse, win_pix)
+
+
+class QuadtreePlan:
+    """One block's chosen quadtree order and the straight-through terms (see ``QuadtreeRouter``)."""
+
+    def __init__(self, order, soft, hard, fine, coarse, inv_fine, inv_coarse, win_pix):
+        self.order, self.soft, self.hard = order, soft, hard
+        self.indices = torch.stack([order, order.flip(-1)], dim=1)                  # (b, 2, L): K = 2
+        self._fine, self._coarse, self._inv_fine, self._inv_coarse = fine, coarse, inv_fine, inv_coarse
+        self._win_pix = win_pix
+
+    def _st(self, t: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+        # t + (M_soft - M_soft.detach()) * (t[plus] - t[minus]): the added term is exactly 0 in the forward
+        if not (torch.is_grad_enabled() and self.soft.requires_grad):
+            return t
+        b, d, h, w = t.shape
+        st = (self.soft - self.soft.detach())[:, self._win_pix].to(t.dtype).unsqueeze(1)   # (b, 1, L)
+        flat = t.reshape(b, d, h * w)
+        take = lambda i: flat.gather(2, i.unsqueeze(1).expand(b, d, h * w))  # noqa: E731
+        return t + (st * (take(plus) - take(minus))).view(b, d, h, w)
+
+    def straight_through_in(self, x: torch.Tensor) -> torch.Tensor:
+        """x + ST * U_hard(S_fine x - S_coarse x): pixel p reads fine/coarse at its hard sequence position."""
+        inv = torch.argsort(self.order, dim=-1)                                      # (b, L) hard inverse
+        return self._st(x, self._fine[inv], self._coarse[inv])
+
+    def straight_through_out(self, y: torch.Tensor) -> torch.Tensor:
+        """y + ST * (U_fine S_hard y - U_coarse S_hard y)."""
+        return self._st(y, self.order[:, self._inv_fine], self.order[:, self._inv_coarse])
+
+
 class SS2D(nn.Module):
     """2D selective scan: in_proj -> depthwise conv + SiLU -> route scan -> merge -> LayerNorm -> gate -> out_proj.
 
-    ``route`` chooses how the image is turned into sequences (kernels.routes); VMamba's is ``cross`` (K=4).
+    ``route`` chooses how the image is turned into sequences (kernels.routes); VMamba's is ``cross`` (K=4). A
+    data-dependent route (``quadtree[:R]``) adds a ``QuadtreeRouter`` that picks the order per sample.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: float = 2.0,
@@ -69,6 +156,8 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.route = route
         k = num_directions(route)
+        base, value = parse_route(route)
+        self.router = QuadtreeRouter(self.d_inner, refine=value) if base == "quadtree" else None
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
         self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2,
                                 groups=self.d_inner, bias=conv_bias)
@@ -88,10 +177,15 @@ class SS2D(nn.Module):
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, D, H, W) -> merged scan output (B, D, H, W)."""
         r, n = self.dt_rank, self.d_state
+        route, plan = self.route, None
+        if self.router is not None:
+            plan = self.router(x)
+            route, x = plan.indices, plan.straight_through_in(x)
         proj = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)
         dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
         A = -torch.exp(self.A_logs.float())
-        return ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, self.route)
+        y = ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, route)
+        return plan.straight_through_out(y) if plan is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)
@@ -182,27 +276,46 @@ class VSSEncoder(nn.Module):
 
     ``forward_stages`` returns, per stage, the input it received and the features its blocks produced; VM-UNet
     uses the inputs as skips, backbones (smp/MONAI) use the features.
+
+    Routes flagged ``position_embedding`` (``bidirectional``, as in Vim) add a learnable position embedding to the
+    patch-embedded tokens: a (dims[0], pos_embed_grid, pos_embed_grid) map (64 = 256² input / 4), bicubically
+    resized to the actual token grid, so any input size works.
     """
 
     def __init__(self, in_chans: int = 3, dims: Sequence[int] = (96, 192, 384, 768),
                  depths: Sequence[int] = (2, 2, 9, 2), d_state: int = 16, drop_path: Sequence[float] | None = None,
-                 route: str = "cross"):
+                 route: str = "cross", pos_embed_grid: int = 64):
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"dims {list(dims)} and depths {list(depths)} must have the same length")
         drop_path = list(drop_path) if drop_path is not None else [0.0] * sum(depths)
         self.dims = list(dims)
         self.patch_embed = PatchEmbed2D(in_chans, dims[0])
+        self.pos_embed = None
+        if route_info(route).position_embedding:
+            self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, dims[0], pos_embed_grid,
+                                                                            pos_embed_grid), std=0.02))
+            self.pos_embed._no_weight_decay = True
         self.layers = nn.ModuleList()
         start = 0
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             self.layers.append(VSSStage(dim, depth, drop_path[start:start + depth], d_state, route,
                                         downsample=i < len(dims) - 1))
             start += depth
+        number_quadtree_routers(self)
+
+    def add_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, h, w, C) + the position embedding resized to (h, w)."""
+        pe = self.pos_embed
+        if pe.shape[-2:] != x.shape[1:3]:
+            pe = F.interpolate(pe, size=x.shape[1:3], mode="bicubic", align_corners=False)
+        return x + pe.permute(0, 2, 3, 1).to(x.dtype)
 
     def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """x (B, C, H, W) -> (stage inputs, stage features, last output), all (B, h, w, c)."""
         x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = self.add_pos_embed(x)
         inputs, feats = [], []
         for layer in self.layers:
             inputs.append(x)
@@ -213,6 +326,12 @@ class VSSEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Multi-scale features (B, c_i, H/2^(i+2), W/2^(i+2)) in channel-first layout, for backbones."""
         return [f.permute(0, 3, 1, 2).contiguous() for f in self.forward_stages(x)[1]]
+
+
+def number_quadtree_routers(model: nn.Module) -> None:
+    """Give every quadtree router its block position (module order), which picks its window shift."""
+    for i, router in enumerate(m for m in model.modules() if isinstance(m, QuadtreeRouter)):
+        router.shift_index = i
 
 
 def init_vmamba_weights(module: nn.Module) -> None:

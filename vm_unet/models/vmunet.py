@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vmamba import PatchExpand2D, VSSBlock, VSSEncoder, init_vmamba_weights
+from vm_unet.kernels.routes import route_info
+
+from .vmamba import PatchExpand2D, VSSBlock, VSSEncoder, init_vmamba_weights, number_quadtree_routers
 from .vmamba_fast import PatchExpandFast, VSSBlockFast, VSSEncoderFast
 
 FAMILIES = ("v0", "fast")
@@ -47,7 +49,9 @@ class VMUNet(nn.Module):
         depths / depths_decoder: blocks per encoder / decoder stage.
         d_state: SSM state size N (v0: 16, fast: 1).
         drop_path_rate: stochastic depth, linear 0 -> rate over the encoder, reversed over the decoder.
-        route: scan route (see ``vm_unet.kernels.list_routes()``).
+        route: scan route (see ``vm_unet.kernels.list_routes()``): ``cross`` (published), ``bidirectional`` (Vim,
+            adds a position embedding), ``zigzag``, ``window:S`` (LocalMamba, S×S windows), ``quadtree[:R]``
+            (QuadMamba, learned per-sample order). ``bidirectional`` and ``quadtree`` need ``family="v0"``.
         family: ``"v0"`` (published VM-UNet block, channels-last) or ``"fast"`` (VMamba v2 block, channel-first).
         ssm_ratio / mlp_ratio: fast family only.
     """
@@ -69,6 +73,10 @@ class VMUNet(nn.Module):
         for i in range(1, len(dims)):
             if dims[i] != 2 * dims[i - 1]:
                 raise ValueError(f"each stage must double the width (patch merging/expand): dims={list(dims)}")
+        info = route_info(route)
+        if family != "v0" and (info.position_embedding or info.data_dependent):
+            # the fast encoder has no position embedding and its SS2D no quadtree router
+            raise ValueError(f"route {route!r} is implemented for family='v0' only, got family={family!r}")
         self.in_chans, self.num_classes, self.family = in_chans, num_classes, family
         self.channels_last = family == "v0"
         self.stride = 4 * 2 ** (len(dims) - 1)
@@ -93,6 +101,7 @@ class VMUNet(nn.Module):
         self.final_expand = expand(dims[0], dims[0] // 4, 4)
         self.head = nn.Conv2d(dims[0] // 4, num_classes, 1)
         self.apply(init_vmamba_weights)
+        number_quadtree_routers(self)   # encoder then decoder blocks: consecutive blocks shift differently
 
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
