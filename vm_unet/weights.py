@@ -20,10 +20,10 @@ into the ISIC config with 2) are skipped and reported as unexpected, not an erro
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
-import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,18 +87,16 @@ def _group_keys(keys: list[str], max_groups: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 def _stub_class(qualified: str) -> type:
-    """Inert stand-in for a non-tensor object in a checkpoint (e.g. the yacs config VMamba saves): it accepts any
-    construction and state, so the tensors load with ``weights_only=True`` and no code from the file runs."""
+    """Inert stand-in for a non-tensor object in a checkpoint (e.g. the yacs config VMamba's trainer saves).
 
-    def __init__(self, *args, **kwargs):  # noqa: N807
-        pass
+    Instantiating it gives an empty OrderedDict, which ``weights_only`` loading can fill (SETITEMS) and update
+    (BUILD); so the tensors load and no code from the file runs."""
 
-    def __setstate__(self, state):  # noqa: N807
-        pass
+    def __new__(cls, *args, **kwargs):  # noqa: N807
+        return collections.OrderedDict()
 
     module, _, name = qualified.rpartition(".")
-    return types.new_class(name, (dict,), exec_body=lambda ns: ns.update(
-        __init__=__init__, __setstate__=__setstate__, __module__=module))
+    return type(name, (), {"__new__": __new__, "__module__": module})
 
 
 def _torch_load(path: Path) -> Any:
