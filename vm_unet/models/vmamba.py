@@ -84,7 +84,8 @@ class QuadtreeRouter(nn.Module):
         self.shift_index = 0            # set by the encoder/U-Net: the block's position in the network
         self.norm = nn.LayerNorm(dim)
         self.local = nn.Sequential(nn.Linear(dim, hidden), nn.GELU())
-        self.score = nn.Sequential(nn.Linear(2 * hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1))
+        # no bias on the last layer: quadrant choice is a softmax over score means, blind to a constant shift
+        self.score = nn.Sequential(nn.Linear(2 * hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1, bias=False))
 
     def extra_repr(self) -> str:
         return f"refine={self.refine}, tau={self.tau}, shift_index={self.shift_index}"
