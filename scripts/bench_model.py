@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Train-step and inference throughput and peak memory of our models and the peers, one table.
+
+Examples:
+    python scripts/bench_model.py --device cuda --sizes 256 1024 2048 --batches 32 2 1
+    python scripts/bench_model.py --device cpu --models vmunet_isic swinunetr --sizes 256 --batches 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, measure
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(OURS[:2]) + list(PEERS))
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 1024, 2048])
+    p.add_argument("--batches", nargs="+", type=int, default=None,
+                   help="batch per size (default: 32, 8, 2, 1 on CUDA; 1 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--out", type=Path, default=None, help="write results JSON (and a PNG plot) here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    defaults = {256: 32, 512: 8, 1024: 2, 2048: 1} if device.type == "cuda" else {}
+    batches = args.batches or [defaults.get(s, 1) for s in args.sizes]
+    if len(batches) != len(args.sizes):
+        print("error: give one --batches value per --sizes value", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# {date.today()} · {name} · torch {torch.__version__} · threads {torch.get_num_threads()}", flush=True)
+
+    results = []
+    for size, batch in zip(args.sizes, batches):
+        for model in args.models:
+            try:
+                r = measure(model, size, batch, device, train=not args.no_train, infer=not args.no_infer,
+                            warmup=args.warmup, repeats=args.repeats, compile=args.compile)
+            except ImportError as exc:
+                print(f"skipping {model}: {exc}", file=sys.stderr)
+                continue
+            results.append(r)
+            print(format_table([r]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": name, "date": str(date.today()), "results": as_dicts(results)},
+                                       indent=2))
+        _plot(results, args.out.with_suffix(".png"))
+    return 0
+
+
+def _plot(results, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for model in dict.fromkeys(r.model for r in results):
+        rs = [r for r in results if r.model == model]
+        sizes = [r.size for r in rs]
+        for ax, key in zip(axes, ("train_img_s", "infer_img_s", "infer_peak_gb")):
+            vals = [getattr(r, key) for r in rs]
+            if any(v is not None for v in vals):
+                ax.plot(sizes, [v if v is not None else float("nan") for v in vals], marker="o", label=model)
+    for ax, title in zip(axes, ("train img/s", "inference img/s", "inference peak GB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (px)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

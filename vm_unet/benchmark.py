@@ -1,0 +1,140 @@
+"""Whole-model throughput and memory: ours and the usual peers, measured the same way in one process.
+
+Train step = forward + loss + backward + AdamW step; inference = forward under ``torch.inference_mode``. On CUDA
+both run under bf16 autocast, timings are medians of synchronised repeats, memory is the CUDA peak.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vm_unet
+
+OURS = ("vmunet_isic", "vmunet_fast", "vmunet")
+PEERS = ("swinunetr", "monai_unet", "smp_unet_r34")
+
+
+@dataclass
+class Result:
+    model: str
+    size: int
+    batch: int
+    train_img_s: float | None
+    train_peak_gb: float | None
+    infer_img_s: float | None
+    infer_peak_gb: float | None
+    note: str = ""
+
+
+def build_model(name: str, in_chans: int = 3, num_classes: int = 1) -> nn.Module:
+    """One of our registered models or a peer; peers raise ImportError when their library is missing."""
+    if name in vm_unet.list_models():
+        return vm_unet.create_model(name, in_chans=in_chans, num_classes=num_classes)
+    if name == "swinunetr":
+        from monai.networks.nets import SwinUNETR  # noqa: PLC0415
+        return SwinUNETR(in_channels=in_chans, out_channels=num_classes, spatial_dims=2, feature_size=48)
+    if name == "monai_unet":
+        from monai.networks.nets import UNet  # noqa: PLC0415
+        return UNet(spatial_dims=2, in_channels=in_chans, out_channels=num_classes,
+                    channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2), num_res_units=2)
+    if name == "smp_unet_r34":
+        import segmentation_models_pytorch as smp  # noqa: PLC0415
+        return smp.Unet("resnet34", encoder_weights=None, in_channels=in_chans, classes=num_classes)
+    raise KeyError(f"unknown benchmark model {name!r}; ours: {', '.join(vm_unet.list_models())}; peers: "
+                   f"{', '.join(PEERS)}")
+
+
+def _timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(name: str, size: int, batch: int, device: torch.device, *, train: bool = True, infer: bool = True,
+            warmup: int = 2, repeats: int = 5, compile: bool = False) -> Result:
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    if compile:
+        model = torch.compile(model)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    result = Result(name, size, batch, None, None, None, None)
+    try:
+        if train:
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with amp:
+                    logits = model(x)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                loss.backward()
+                opt.step()
+
+            _reset_peak(device)
+            seconds = _timed(step, device, warmup, repeats)
+            result.train_img_s, result.train_peak_gb = batch / seconds, _peak_gb(device)
+            del opt
+        if infer:
+            model.eval()
+
+            def forward():
+                with torch.inference_mode(), amp:
+                    model(x)
+
+            _reset_peak(device)
+            seconds = _timed(forward, device, warmup, repeats)
+            result.infer_img_s, result.infer_peak_gb = batch / seconds, _peak_gb(device)
+    except torch.OutOfMemoryError:
+        result.note = "out of memory"
+    finally:
+        del model
+        _reset_peak(device)
+    return result
+
+
+def format_table(results: list[Result]) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| model | size | batch | train img/s | train peak GB | infer img/s | infer peak GB | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.model} | {r.size}² | {r.batch} | {num(r.train_img_s, '.2f')} | "
+                     f"{num(r.train_peak_gb, '.2f')} | {num(r.infer_img_s, '.2f')} | {num(r.infer_peak_gb, '.2f')} | "
+                     f"{r.note} |")
+    return "\n".join(lines)
+
+
+def as_dicts(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
