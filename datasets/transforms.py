@@ -1,0 +1,91 @@
+"""Augmentation pipelines built from YAML lists, using albumentations (pictures) and MONAI (volume slices).
+
+YAML form (``augment:`` in a config), one dict per transform, ``name`` = the library class::
+
+    augment:
+      - {name: HorizontalFlip, p: 0.5}
+      - {name: Affine, rotate: [-30, 30], scale: [0.9, 1.1], translate_percent: [-0.05, 0.05], p: 0.5}
+      - {name: ColorJitter, brightness: 0.2, contrast: 0.2, saturation: 0.1, hue: 0.02, p: 0.5}
+      - {name: ElasticTransform, alpha: 20, sigma: 5, p: 0.2}
+
+For volume slices the names are MONAI dictionary transforms (``RandFlipd``, ``RandRotated``, ``RandZoomd``...);
+``keys`` defaults to ``[image, label]`` and interpolation modes default to bilinear/nearest.
+
+Every sample is augmented with its own seed (drawn by the sampler from ``(seed, epoch, position)``), so the
+augmentation stream does not depend on worker count or process RNG state - which makes ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from vm_unet.errors import ConfigError
+
+
+def _spec_items(augment):
+    for spec in augment or []:
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"augment entries need a 'name' (library transform class), got {spec!r}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "name"}
+        yield spec["name"], kw
+
+
+class PictureTransform:
+    """albumentations: resize -> augment -> normalise; returns (C,H,W) float32 tensor and (H,W) int64 tensor."""
+
+    def __init__(self, image_size, mean, std, max_pixel_value=255.0, augment=None):
+        import albumentations as A
+
+        h, w = image_size
+        ops = [A.Resize(h, w)]
+        for name, kw in _spec_items(augment):
+            cls = getattr(A, name, None)
+            if cls is None or not inspect.isclass(cls):
+                raise ConfigError(f"augment: albumentations has no transform named {name!r}")
+            try:
+                ops.append(cls(**kw))
+            except Exception as e:
+                raise ConfigError(f"augment: albumentations.{name}({kw}) failed: {e}") from None
+        ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=float(max_pixel_value)))
+        self.compose = A.Compose(ops, seed=0)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int | None):
+        if seed is not None:
+            self.compose.set_random_seed(int(seed))
+        out = self.compose(image=image, mask=mask.astype(np.uint8) if mask.max() < 256 else mask.astype(np.int32))
+        img = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))).float()
+        return img, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+
+
+class SliceTransform:
+    """MONAI dictionary transforms for (already intensity-normalised) volume slices."""
+
+    def __init__(self, image_size, augment=None):
+        import monai.transforms as M
+
+        keys = ["image", "label"]
+        ops = [M.Resized(keys=keys, spatial_size=tuple(image_size), mode=("bilinear", "nearest"))]
+        for name, kw in _spec_items(augment):
+            cls = getattr(M, name, None)
+            if cls is None or not inspect.isclass(cls):
+                raise ConfigError(f"augment: monai.transforms has no transform named {name!r}")
+            kw.setdefault("keys", keys)
+            params = inspect.signature(cls.__init__).parameters
+            if "mode" in params and "mode" not in kw:
+                kw["mode"] = ("bilinear", "nearest")
+            try:
+                ops.append(cls(**kw))
+            except Exception as e:
+                raise ConfigError(f"augment: monai.transforms.{name}({kw}) failed: {e}") from None
+        ops.append(M.EnsureTyped(keys=keys, track_meta=False))
+        self.compose = M.Compose(ops)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int | None):
+        if seed is not None:
+            self.compose.set_random_state(seed=int(seed) % (2 ** 32))
+        d = self.compose({"image": np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32),
+                          "label": mask[None].astype(np.float32)})
+        return torch.as_tensor(d["image"]).float(), torch.as_tensor(d["label"])[0].round().long()
