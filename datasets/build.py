@@ -79,6 +79,8 @@ def seeded_split(keys: list[str], val_fraction: float, test_fraction: float, see
 
 def _split_from_cfg(data: dict, keys: list[str]) -> dict[str, list[str]]:
     split = data.get("split") or {}
+    if split.get("mode") == "all":  # evaluation of a whole folder
+        return {"train": [], "val": [], "test": sorted(keys)}
     if split.get("file"):
         p = Path(split["file"])
         try:
@@ -147,7 +149,7 @@ def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=Non
                 raise DataError(f"{root}: data folder not found")
             kw = dict(in_chans=in_chans, num_classes=num_classes, mask_threshold=data.get("mask_threshold"),
                       label_map=data.get("label_map"))
-            if (root / "train").is_dir():
+            if (root / "train").is_dir() or ((data.get("split") or {}).get("mode") == "all" and (root / "test").is_dir()):
                 sources = {}
                 for s in ("train", "val", "test"):
                     sources[s] = folder.FolderPairs(folder.find_pairs(root / s), **kw) if (root / s).is_dir() else None

@@ -91,3 +91,29 @@ def train_main(argv=None):
     args = train_parser().parse_args(argv)
     cfg = config_from_args(args)
     return train(cfg, resume=args.resume)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a VM-UNet checkpoint on labelled data")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", help="folder with images/+masks/ (or test/), or imagesTr/+labelsTr/ volumes")
+    p.add_argument("--config", help="config for the data kind/options (default: the one saved in the checkpoint)")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--overlays", type=int, default=8, help="number of items drawn in overlay PNGs")
+    return p
+
+
+def evaluate_main(argv=None):
+    import json
+
+    from vm_unet.training.evaluate import evaluate_checkpoint
+    from vm_unet.training.trainer import resolve_device
+
+    a = evaluate_parser().parse_args(argv)
+    s = evaluate_checkpoint(a.checkpoint, a.data_root, a.config, a.out, resolve_device(a.device), a.overlays)
+    keys = ("n_items", "mean_dice", "mean_iou", "mean_hd95", "pooled_dsc", "pooled_miou", "pooled_accuracy",
+            "pooled_specificity", "pooled_sensitivity")
+    print(json.dumps({k: s.get(k) for k in keys}, indent=1))
+    print(f"wrote {s['out']}/per_case.csv, summary.json, overlays/")
+    return s
