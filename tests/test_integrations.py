@@ -245,3 +245,14 @@ def test_torch_compile_vmunet_cpu():
         ref = model(x)
         out = torch.compile(model)(x)
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_vm_unet_imports_without_smp_and_monai():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['segmentation_models_pytorch'] = None; sys.modules['monai'] = None\n"
+            "import vm_unet; from vm_unet.integrations import REGISTERED; print(REGISTERED)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "{'smp': False, 'monai': False}" in out.stdout
