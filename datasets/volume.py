@@ -98,11 +98,11 @@ class VolumeSlices:
     """All 2-D slices along ``axis`` of a list of volumes; ``load(i)`` -> ``(image HxWxC float32, labels HxW)``."""
 
     def __init__(self, cases: list[tuple[str, np.ndarray, np.ndarray]], axis: int, empty_slice_weight: float = 1.0):
-        # cases: (name, image (C, X, Y, Z) float32 normalised, labels (X, Y, Z) int64)
+        # cases: (name, image (C, X, Y, Z) float32 normalised, labels (X, Y, Z) int64[, case group])
         self.cases, self.axis = cases, int(axis)
         self.index: list[tuple[int, int]] = []
         self.weights: list[float] = []
-        for ci, (_, _, lab) in enumerate(cases):
+        for ci, (_, _, lab, *_) in enumerate(cases):
             fg = np.moveaxis(lab, self.axis, 0).reshape(lab.shape[self.axis], -1).any(1)
             for s in range(lab.shape[self.axis]):
                 self.index.append((ci, s))
@@ -113,14 +113,16 @@ class VolumeSlices:
 
     def name(self, i: int) -> str:
         ci, s = self.index[i]
-        return f"{self.cases[ci][0]}_s{s:03d}"
+        c = self.cases[ci]
+        return c[0] if len(c) > 3 else f"{c[0]}_s{s:03d}"  # one-slice files (Synapse .npz) keep their own name
 
     def case(self, i: int) -> str:
-        return self.cases[self.index[i][0]][0]
+        c = self.cases[self.index[i][0]]
+        return c[3] if len(c) > 3 else c[0]  # optional 4th item: the patient/volume a slice file belongs to
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         ci, s = self.index[i]
-        _, img, lab = self.cases[ci]
+        _, img, lab, *_ = self.cases[ci]
         im = np.take(img, s, axis=self.axis + 1)  # (C, H, W)
         return np.ascontiguousarray(np.moveaxis(im, 0, -1)), np.ascontiguousarray(np.take(lab, s, axis=self.axis))
 
@@ -181,11 +183,11 @@ def load_synapse_cases(files, num_classes: int, intensity: dict | None, label_ma
                 with np.load(f) as z:
                     img, lab = z["image"], z["label"]
                 img, lab = img[None], lab[None]  # a one-slice (D=1, H, W) volume, so axis 0 serves both kinds
-                name = f.stem
+                name, group = f.stem, f.stem.split("_slice")[0]
             else:
                 with h5py.File(f, "r") as h:
                     img, lab = h["image"][()], h["label"][()]
-                name = f.name.split(".")[0]
+                name = group = f.name.split(".")[0]
         except KeyError:
             raise DataError(f"{f}: expected arrays 'image' and 'label'") from None
         except Exception as e:
@@ -194,5 +196,5 @@ def load_synapse_cases(files, num_classes: int, intensity: dict | None, label_ma
             raise DataError(f"{f}: label shape {lab.shape} differs from image shape {img.shape}")
         _check_finite(np.asarray(img), f)
         lab = remap_labels(np.asarray(lab), f, num_classes, label_map, binarize)
-        cases.append((name, normalize_intensity(np.asarray(img, np.float32)[None], intensity), lab))
+        cases.append((name, normalize_intensity(np.asarray(img, np.float32)[None], intensity), lab, group))
     return cases
