@@ -79,12 +79,12 @@ def _scan_fwd_kernel(
     B_ptr, s_Bb, s_Bk, s_Bn, s_Bl,
     C_ptr, s_Cb, s_Ck, s_Cn, s_Cl,
     z_ptr, s_zb, s_zk, s_zd, s_zl,
-    idx_ptr, s_ik,
+    idx_ptr, s_ik, kmap_ptr,
     out_ptr, s_ob, s_ok, s_od, s_ol,
     state_ptr, last_ptr,
     K, DK, L, N, R, NCHUNK,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
-    GATHER: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr,
 ):
@@ -98,13 +98,15 @@ def _scan_fwd_kernel(
     nmask = n < N
     ch = k * DK + d
 
-    u_base = u_ptr + b * s_ub + k * s_uk
+    # KMAP: slot of the channel-major tensors (u, out) is kmap[k], e.g. the transposed copy for column routes
+    ku = tl.load(kmap_ptr + k) if KMAP else k
+    u_base = u_ptr + b * s_ub + ku * s_uk
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
     B_base = B_ptr + b * s_Bb + k * s_Bk
     C_base = C_ptr + b * s_Cb + k * s_Ck
     z_base = z_ptr + b * s_zb + k * s_zk
-    o_base = out_ptr + b * s_ob + k * s_ok
+    o_base = out_ptr + b * s_ob + ku * s_ok
     idx_base = idx_ptr + k * s_ik
 
     A = tl.load(A_ptr + ch[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
@@ -161,7 +163,7 @@ def _scan_bwd_kernel(
     B_ptr, s_Bb, s_Bk, s_Bn, s_Bl,
     C_ptr, s_Cb, s_Ck, s_Cn, s_Cl,
     z_ptr, s_zb, s_zk, s_zd, s_zl,
-    idx_ptr, s_ik,
+    idx_ptr, s_ik, kmap_ptr,
     g_ptr, s_gb, s_gk, s_gd, s_gl,
     state_ptr,
     du_ptr, s_dub, s_duk, s_dud, s_dul,      # du (store) or merged dx (atomic)
@@ -172,7 +174,7 @@ def _scan_bwd_kernel(
     dA_ptr, dD_ptr, dbias_ptr, dW_ptr,       # per-batch partials: (b, K*DK, N), (b, K*DK), (b, K*DK), (b, K*DK, R)
     K, DK, L, N, R, NCHUNK,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr,
-    GATHER: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -185,15 +187,16 @@ def _scan_bwd_kernel(
     nmask = n < N
     ch = k * DK + d
 
-    u_base = u_ptr + b * s_ub + k * s_uk
+    ku = tl.load(kmap_ptr + k) if KMAP else k
+    u_base = u_ptr + b * s_ub + ku * s_uk
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
     B_base = B_ptr + b * s_Bb + k * s_Bk
     C_base = C_ptr + b * s_Cb + k * s_Ck
     z_base = z_ptr + b * s_zb + k * s_zk
     dz_base = dz_ptr + b * s_zb + k * s_zk
-    g_base = g_ptr + b * s_gb + k * s_gk
-    du_base = du_ptr + b * s_dub + k * s_duk
+    g_base = g_ptr + b * s_gb + ku * s_gk
+    du_base = du_ptr + b * s_dub + ku * s_duk
     ddt_base = ddt_ptr + b * s_ddb + k * s_ddk
     dB_base = dB_ptr + b * s_dBb + k * s_dBk
     dC_base = dC_ptr + b * s_dCb + k * s_dCk
@@ -316,13 +319,14 @@ def tile_config(n_state: int, length: int, channels: int, backward: bool) -> tup
     if TILE_OVERRIDE and key in TILE_OVERRIDE:
         bd, bl, warps = TILE_OVERRIDE[key]
     elif np_ <= 2:
-        # measured on H200 (BENCHMARKS.md, stage-1 256² b32, N=1): wide chunks amortise the per-chunk overhead
-        bd, bl, warps = (16, 64, 4) if backward else (32, 128, 8)
+        # measured on H200 (BENCHMARKS.md, fused SS2D stage-1 256² b32, N=1): best fwd and fwd+bwd
+        bd, bl, warps = 16, 64, 4
     else:
-        # N=16 measured best at 16x16x16 tiles fwd and bwd; other N keep ~4096-element tiles
-        bl = 16 if np_ >= 16 else 32
-        bd = max(1, min(16, 4096 // (np_ * bl)))
-        warps = 4
+        # N=16 measured best at BD=16, BL=4, 2 warps: short chunks keep the associative scan's cross-lane
+        # shuffles (the main cost) few; other N keep the same ~1024-element tiles
+        bl = 4
+        bd = max(1, min(32, 1024 // (np_ * bl)))
+        warps = 2 if np_ <= 16 else 4
     bd = max(1, min(bd, next_pow2(channels)))
     bl = max(1, min(bl, next_pow2(length)))
     return bd, np_, bl, warps

@@ -42,11 +42,11 @@ def _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, out, states, la
         delta_bias if delta_bias is not None else A, A, D if D is not None else A,
         B4, *B4.stride(), C4, *C4.stride(),
         zz, *_strides4(zz, groups),
-        A, 0,
+        A, 0, A,
         out if out is not None else u, *_strides4(out if out is not None else u, groups),
         states, last,
         groups, dk, length, n_state, 0, nchunk,
-        BD=bd, NP=np_, BL=bl, GATHER=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
+        BD=bd, NP=np_, BL=bl, GATHER=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_OUT=False, WRITE_OUT=write_out,
         STORE_STATES=store_states, WRITE_LAST=last is not None, num_warps=warps,
     )
@@ -110,7 +110,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
         delta_bias if delta_bias is not None else A, A, D if D is not None else A,
         B4, *B4.stride(), C4, *C4.stride(),
         zz, *_strides4(zz, groups),
-        A, 0,
+        A, 0, A,
         grad_out, *_strides4(grad_out, groups),
         states,
         du, *_strides4(du, groups),
@@ -119,7 +119,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
         dB, *dB.stride(), dC, *dC.stride(),
         dA, dD, dbias, dA,
         groups, dk, length, n_state, 0, nchunk,
-        BD=bd, NP=np_, BL=bl, RP=1, GATHER=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
+        BD=bd, NP=np_, BL=bl, RP=1, GATHER=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_DU=False, num_warps=warps,
     )
     # each absent gradient gets its own empty tensor: custom-op outputs may not alias each other

@@ -24,70 +24,113 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _route_map(route: str, h: int, w: int, device: str) -> torch.Tensor:
-    # int32 keeps the gather map at 4 bytes a position; H*W < 2**31 always here
-    return route_indices(route, h, w, device).to(torch.int32).contiguous()
+def _route_plan(route: str, h: int, w: int, device: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Gather maps in the layout each direction reads best, the slot map, and which directions are transposed.
+
+    A direction whose steps are contiguous in the transposed image (column-major routes) reads a transposed copy
+    of x (one extra copy for all such directions, not one per direction) and its own dt_low/B/C slice transposed,
+    so its loads and atomics are coalesced; its index map is rewritten to flat indices of the (W, H) image.
+    """
+    idx = route_indices(route, h, w, "cpu")
+    tmap = (idx % w) * h + idx // w
+
+    def contiguity(m: torch.Tensor) -> torch.Tensor:
+        return (m[:, 1:] - m[:, :-1]).abs().eq(1).float().mean(1) if m.shape[1] > 1 else torch.zeros(m.shape[0])
+    lay = (contiguity(tmap) > contiguity(idx)) & (h > 1) & (w > 1)
+    eff = torch.where(lay[:, None], tmap, idx)
+    # int32 keeps a map at 4 bytes a position; H*W < 2**31 always here
+    return eff.to(torch.int32).to(device), lay.to(torch.int32).to(device), tuple(int(v) for v in lay)
 
 
-def _common(x, dt_low, B, C, dt_weight, A):
+def _swap(t: torch.Tensor, lay, rows: int, cols: int) -> torch.Tensor:
+    """(b, K, C, rows*cols) -> same, with the directions flagged in ``lay`` transposed to (cols, rows)."""
+    if not any(lay):
+        return t
+    b, k, c, _ = t.shape
+    parts = [t[:, i].reshape(b, c, rows, cols).transpose(-1, -2).reshape(b, c, rows * cols) if lay[i] else t[:, i]
+             for i in range(k)]
+    return torch.stack(parts, 1)
+
+
+def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> torch.Tensor:
+    """(b, D, H, W) -> (slots, b, D, H*W): the image, plus its transpose when a direction reads it."""
+    b, d = t.shape[:2]
+    if not any(lay):
+        return t.reshape(1, b, d, h * w)
+    return torch.stack([t.reshape(b, d, h * w), t.transpose(-1, -2).reshape(b, d, h * w)])
+
+
+def _merge_slots(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(slots, b, D, H*W) fp32 accumulators -> (b, D, H, W)."""
+    b, d = t.shape[1:3]
+    y = t[0].view(b, d, h, w)
+    if t.shape[0] == 2:
+        y = y + t[1].view(b, d, w, h).transpose(-1, -2)
+    return y
+
+
+def _prep(x, dt_low, B, C, dt_weight, lay):
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
-    n = A.shape[1]
     L = h * w
-    return (x.contiguous().view(b, d, L), dt_low.contiguous().view(b, k, r, L), B.contiguous().view(b, k, n, L),
-            C.contiguous().view(b, k, n, L), dt_weight.contiguous(), b, d, k, r, n, L)
+    return (_two_layouts(x, h, w, lay), _swap(dt_low.reshape(b, k, r, L), lay, h, w).contiguous(),
+            _swap(B.reshape(b, k, -1, L), lay, h, w).contiguous(), _swap(C.reshape(b, k, -1, L), lay, h, w).contiguous(),
+            dt_weight.contiguous(), b, d, h, w, k, r, L)
 
 
-def _launch_fwd(xs, lows, Bs, Cs, W, dt_bias, A, Ds, idx, out, states, b, d, k, r, n, L, backward):
+def _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, out, states, b, d, k, r, n, L, backward):
     bd, np_, bl, warps = core.tile_config(n, L, d, backward=backward)
     nchunk = _cdiv(L, bl)
     grid = (_cdiv(d, bd), k, b)
     core._scan_fwd_kernel[grid](
-        xs, xs.stride(0), 0, xs.stride(1), xs.stride(2),
+        xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
         lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
         W, W.stride(0), W.stride(1),
         dt_bias, A, Ds,
         Bs, *Bs.stride(), Cs, *Cs.stride(),
-        xs, 0, 0, 0, 0,
-        idx, idx.stride(0),
-        out if out is not None else xs, xs.shape[1] * L, 0, L, 1,
-        states if states is not None else xs, xs,
+        xx, 0, 0, 0, 0,
+        idx, idx.stride(0), kmap,
+        out if out is not None else xx, xx.stride(1), xx.stride(0), L, 1,
+        states if states is not None else xx, xx,
         k, d, L, n, r, nchunk,
-        BD=bd, NP=np_, BL=bl, GATHER=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False,
-        ATOMIC_OUT=True, WRITE_OUT=out is not None, STORE_STATES=states is not None, WRITE_LAST=False,
-        num_warps=warps,
+        BD=bd, NP=np_, BL=bl, GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True,
+        HAS_Z=False, ATOMIC_OUT=True, WRITE_OUT=out is not None, STORE_STATES=states is not None,
+        WRITE_LAST=False, num_warps=warps,
     )
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
 def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
-             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    xs, lows, Bs, Cs, W, b, d, k, r, n, L = _common(x, dt_low, B, C, dt_weight, A)
-    out = torch.zeros(b, d, L, device=x.device, dtype=torch.float32)
-    _launch_fwd(xs, lows, Bs, Cs, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), idx, out, None,
+             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, idx: torch.Tensor, kmap: torch.Tensor,
+             lay: list[int]) -> torch.Tensor:
+    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
+    n = A.shape[1]
+    out = torch.zeros(xx.shape, device=x.device, dtype=torch.float32)
+    _launch_fwd(xx, lows, Bs, Cs, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), idx, kmap, out, None,
                 b, d, k, r, n, L, backward=False)
-    return out.view(x.shape).to(x.dtype)
+    return _merge_slots(out, h, w).to(x.dtype)
 
 
 @ss2d_fwd.register_fake
-def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx):
+def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, lay):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
 def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
-             idx: torch.Tensor) -> list[torch.Tensor]:
+             idx: torch.Tensor, kmap: torch.Tensor, lay: list[int]) -> list[torch.Tensor]:
     """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]."""
-    xs, lows, Bs, Cs, W, b, d, k, r, n, L = _common(x, dt_low, B, C, dt_weight, A)
+    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
+    n = A.shape[1]
     dt_bias, A, Ds = dt_bias.contiguous(), A.contiguous(), Ds.contiguous()
     bd, np_, bl, warps = core.tile_config(n, L, d, backward=True)
     nchunk = _cdiv(L, bl)
     states = torch.empty(b * k * d * nchunk * np_, device=x.device, dtype=torch.float32)
-    _launch_fwd(xs, lows, Bs, Cs, W, dt_bias, A, Ds, idx, None, states, b, d, k, r, n, L, backward=True)
-    g = grad.contiguous().view(b, d, L)
+    _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, None, states, b, d, k, r, n, L, backward=True)
+    g = _two_layouts(grad, h, w, lay)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.zeros(b, d, L, **f32)
+    dx = torch.zeros(xx.shape, **f32)
     dlow = torch.zeros(b, k, r, L, **f32)
     dB = torch.zeros(b, k, n, L, **f32)
     dC = torch.zeros(b, k, n, L, **f32)
@@ -97,42 +140,46 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     dW = torch.empty(b, k * d, r, **f32)
     grid = (_cdiv(d, bd), k, b)
     core._scan_bwd_kernel[grid](
-        xs, xs.stride(0), 0, xs.stride(1), xs.stride(2),
+        xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
         lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
         W, W.stride(0), W.stride(1),
         dt_bias, A, Ds,
         Bs, *Bs.stride(), Cs, *Cs.stride(),
-        xs, 0, 0, 0, 0,
-        idx, idx.stride(0),
-        g, g.stride(0), 0, g.stride(1), g.stride(2),
+        xx, 0, 0, 0, 0,
+        idx, idx.stride(0), kmap,
+        g, g.stride(1), g.stride(0), g.stride(2), g.stride(3),
         states,
-        dx, dx.stride(0), 0, dx.stride(1), dx.stride(2),
+        dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3),
         dlow, dlow.stride(0), dlow.stride(1), dlow.stride(2), dlow.stride(3),
         dx,
         dB, *dB.stride(), dC, *dC.stride(),
         dA, dD, dbias, dW,
         k, d, L, n, r, nchunk,
-        BD=bd, NP=np_, BL=bl, RP=core.next_pow2(r), GATHER=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True,
-        HAS_D=True, HAS_Z=False, ATOMIC_DU=True, num_warps=warps,
+        BD=bd, NP=np_, BL=bl, RP=core.next_pow2(r), GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True,
+        SOFTPLUS=True, HAS_D=True, HAS_Z=False, ATOMIC_DU=True, num_warps=warps,
     )
-    return [dx.view(x.shape).to(x.dtype), dlow.view(dt_low.shape).to(dt_low.dtype), dB.view(B.shape).to(B.dtype),
-            dC.view(C.shape).to(C.dtype), dW.sum(0).view(dt_weight.shape).to(dt_weight.dtype),
-            dbias.sum(0).view(dt_bias.shape).to(dt_bias.dtype), dA.sum(0).to(A.dtype), dD.sum(0).to(Ds.dtype)]
+    # back from each direction's read layout to image layout
+    dlow, dB, dC = (_swap(t, lay, w, h) for t in (dlow, dB, dC))
+    return [_merge_slots(dx, h, w).to(x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
+            dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
+            dW.sum(0).view(dt_weight.shape).to(dt_weight.dtype), dbias.sum(0).view(dt_bias.shape).to(dt_bias.dtype),
+            dA.sum(0).to(A.dtype), dD.sum(0).to(Ds.dtype)]
 
 
 @ss2d_bwd.register_fake
-def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx):
+def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, lay):
     return [torch.empty_like(t, memory_format=torch.contiguous_format)
             for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:-1])
+    ctx.lay = inputs[-1]
 
 
 def _backward(ctx, grad):
-    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx = ctx.saved_tensors
-    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx), None)
+    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap = ctx.saved_tensors
+    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, ctx.lay), None, None, None)
 
 
 ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -141,5 +188,5 @@ ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 def ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
     """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``)."""
     h, w = x.shape[-2:]
-    idx = _route_map(route, h, w, str(x.device))
-    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx)
+    idx, kmap, lay = _route_plan(route, h, w, str(x.device))
+    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, list(lay))

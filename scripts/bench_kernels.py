@@ -1,0 +1,215 @@
+"""Benchmark the Triton scan kernels at VM-UNet stage shapes (needs a CUDA GPU).
+
+    python scripts/bench_kernels.py [--sweep] [--check] [--out results.json]
+
+Per shape/dtype/N: fused SS2D core (ours) fwd and fwd+bwd; the unfused path (torch cross-scan + our Triton
+selective scan + torch merge, i.e. ``ss2d_core_reference`` on the Triton backend); mamba_ssm's CUDA
+``selective_scan_fn`` + torch cross-scan/merge when mamba_ssm is importable (optional). Times are medians of
+``triton.testing.do_bench``; GB/s counts the ideal bytes of the fused op (inputs read once, output written once,
+the atomic merge buffer not counted); "%copy" is that over a device-to-device copy measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from vm_unet.kernels import triton_scan_core as core
+from vm_unet.kernels.ss2d import ss2d_core_reference
+from vm_unet.kernels.triton_selective_scan import selective_scan_triton
+from vm_unet.kernels.triton_ss2d import ss2d_core_triton
+
+try:  # optional comparison, never a dependency
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
+except Exception:  # noqa: BLE001
+    mamba_scan = None
+
+# (name, batch, d_inner per direction, H=W, dt_rank); VM-UNet stages at 256² input: C = 96·2^i, d_inner = 2C
+SHAPES = [
+    ("s1-256", 32, 192, 64, 6), ("s2-256", 32, 384, 32, 12), ("s3-256", 32, 768, 16, 24),
+    ("s4-256", 32, 1536, 8, 48), ("s1-1024", 8, 192, 256, 6), ("s1-2048", 2, 192, 512, 6),
+]
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def make_inputs(b, d, hw, r, n, dtype, k=4, requires_grad=False):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = dict(device="cuda")
+
+    def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, **dev) * scale + shift).to(dt)
+
+    x = rnd(b, d, hw, hw)
+    low = rnd(b, k, r, hw, hw, scale=0.5)
+    B = rnd(b, k, n, hw, hw)
+    C = rnd(b, k, n, hw, hw)
+    W = rnd(k, d, r, scale=r ** -0.5, dt=torch.float32)
+    bias = torch.log(torch.expm1(torch.exp(torch.rand(k, d, generator=g, **dev) * (math.log(0.1) - math.log(1e-3))
+                                           + math.log(1e-3))))  # mamba dt init
+    A = -torch.arange(1, n + 1, dtype=torch.float32, **dev).repeat(k * d, 1)
+    Ds = torch.ones(k * d, **dev)
+    args = [x, low, B, C, W, bias, A, Ds]
+    if requires_grad:
+        for t in args:
+            t.requires_grad_(True)
+    return args
+
+
+def fused_bytes(b, d, hw, r, n, dtype, k=4):
+    es = torch.tensor([], dtype=dtype).element_size()
+    L = hw * hw
+    return es * (2 * b * d * L + b * k * (r + 2 * n) * L)  # read x, low, B, C; write y
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def time_fwd_bwd(fn, args):
+    out = fn(*args)
+    g = torch.randn_like(out)
+
+    def step():
+        for t in args:
+            t.grad = None
+        fn(*args).backward(g)
+    return do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref):
+    row = {"shape": name, "batch": b, "D": d, "L": hw * hw, "R": r, "N": n, "dtype": str(dtype).split(".")[-1]}
+    args = make_inputs(b, d, hw, r, n, dtype)
+    ms = do_bench(lambda: ss2d_core_triton(*args), warmup=25, rep=200, return_mode="median")
+    row["fused_fwd_ms"] = ms
+    row["fused_fwd_GBs"] = fused_bytes(b, d, hw, r, n, dtype) / ms / 1e6
+    row["fused_fwd_pct_copy"] = 100 * row["fused_fwd_GBs"] / copy_gbs
+    gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+    row["fused_fwdbwd_ms"] = time_fwd_bwd(ss2d_core_triton, gargs)
+    if with_ref:
+        os.environ["VM_UNET_BACKEND"] = "triton"  # unfused: torch route copies + our Triton scan + torch merge
+        row["unfused_fwd_ms"] = do_bench(lambda: ss2d_core_reference(*args), warmup=25, rep=100,
+                                         return_mode="median")
+        row["unfused_fwdbwd_ms"] = time_fwd_bwd(ss2d_core_reference, gargs)
+        # plain selective scan alone on pre-made direction copies
+        k = 4
+        L = hw * hw
+        u = torch.randn(b, k * d, L, device="cuda").to(dtype)
+        dl = torch.randn(b, k * d, L, device="cuda").to(dtype)
+        Bs = torch.randn(b, k, n, L, device="cuda").to(dtype)
+        Cs = torch.randn(b, k, n, L, device="cuda").to(dtype)
+        A = args[6]
+        Ds, bias = args[7], args[5].reshape(-1)
+        row["scan_fwd_ms"] = do_bench(lambda: selective_scan_triton(u, dl, A, Bs, Cs, Ds, None, bias, True),
+                                      warmup=25, rep=100, return_mode="median")
+        if mamba_scan is not None:
+            row["mamba_scan_fwd_ms"] = do_bench(lambda: mamba_scan(u, dl, A, Bs, Cs, Ds, None, bias, True),
+                                                warmup=25, rep=100, return_mode="median")
+        os.environ["VM_UNET_BACKEND"] = "auto"
+    del args, gargs
+    torch.cuda.empty_cache()
+    return row
+
+
+def check(dtype, n, name, b, d, hw, r):
+    """Fused SS2D vs the float64 PyTorch reference at a real shape (fwd and every gradient)."""
+    args = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+    y = ss2d_core_triton(*args)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, args, g)
+    os.environ["VM_UNET_BACKEND"] = "torch"
+    ref_args = [t.detach().double().requires_grad_(True) for t in args]
+    yr = ss2d_core_reference(*ref_args)
+    rgrads = torch.autograd.grad(yr, ref_args, g.double())
+    os.environ["VM_UNET_BACKEND"] = "auto"
+    errs = [rel(y, yr)] + [rel(a, c) for a, c in zip(grads, rgrads)]
+    return {"check": name, "dtype": str(dtype).split(".")[-1], "N": n, "max_rel_err": max(errs),
+            "errs": [f"{e:.1e}" for e in errs], "nan": any(torch.isnan(t).any().item() for t in (y, *grads))}
+
+
+def sweep(copy_gbs):
+    """Tile configs (BD, BL, warps) of the fused SS2D fwd and fwd+bwd at stage-1 256² b32."""
+    rows = []
+    name, b, d, hw, r = SHAPES[0]
+    for n in (16, 1):
+        for dtype in (torch.float32,):
+            args = make_inputs(b, d, hw, r, n, dtype)
+            gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+            cfgs = ([(16, 16, 4), (16, 4, 2), (8, 4, 1), (16, 2, 2), (32, 2, 2), (8, 2, 1)] if n == 16 else
+                    [(16, 64, 4), (8, 64, 2), (16, 128, 4)])
+            for cfg in cfgs:
+                core.TILE_OVERRIDE = {"fwd": cfg, "bwd": cfg}
+                try:
+                    f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
+                    fb = time_fwd_bwd(ss2d_core_triton, gargs)
+                except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
+                    f = fb = float("nan")
+                    print("  failed", cfg, type(e).__name__, str(e)[:200])
+                rows.append({"N": n, "dtype": str(dtype).split(".")[-1], "cfg": cfg, "fwd_ms": f, "fwdbwd_ms": fb})
+                print(f"sweep N={n:2d} {rows[-1]['dtype']:8s} BD,BL,warps={cfg}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms",
+                      flush=True)
+            del args, gargs
+    core.TILE_OVERRIDE = None
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true", help="time tile configs at stage-1 256² first")
+    p.add_argument("--check", action="store_true", help="check fused SS2D vs float64 reference at real shapes")
+    p.add_argument("--shapes", default="all", help="comma list of shape names or 'all'")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA device")
+    dev = torch.cuda.get_device_name()
+    print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"mamba_ssm {'yes' if mamba_scan is not None else 'no'}", flush=True)
+    copy_gbs = copy_bandwidth()
+    print(f"device copy: {copy_gbs:.0f} GB/s", flush=True)
+    result = {"device": dev, "copy_GBs": copy_gbs, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
+    if a.check:
+        result["checks"] = []
+        for dtype in (torch.float32, torch.bfloat16):
+            for n in (16, 1):
+                c = check(dtype, n, "s1-256-b2", 2, 192, 64, 6)
+                result["checks"].append(c)
+                print("check", c, flush=True)
+    if a.sweep:
+        result["sweep"] = sweep(copy_gbs)
+    rows = []
+    shapes = SHAPES if a.shapes == "all" else [s for s in SHAPES if s[0] in a.shapes.split(",")]
+    for name, b, d, hw, r in shapes:
+        for n in (16, 1):
+            for dtype in (torch.float32, torch.bfloat16):
+                row = bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref=name.endswith("-256"))
+                rows.append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
+    result["rows"] = rows
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print("\n| shape | N | dtype | fused fwd ms | GB/s | %copy | fused fwd+bwd ms | unfused fwd | unfused fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r_ in rows:
+        print(f"| {r_['shape']} b{r_['batch']} | {r_['N']} | {r_['dtype']} | {r_['fused_fwd_ms']:.3f} | "
+              f"{r_['fused_fwd_GBs']:.0f} | {r_['fused_fwd_pct_copy']:.0f}% | {r_['fused_fwdbwd_ms']:.3f} | "
+              f"{r_.get('unfused_fwd_ms', float('nan')):.3f} | {r_.get('unfused_fwdbwd_ms', float('nan')):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
