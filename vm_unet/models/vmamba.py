@@ -105,7 +105,8 @@ class QuadtreeRouter(nn.Module):
             gumbel = -torch.empty_like(logits).exponential_().log()
             logits = logits + gumbel
         soft = torch.softmax(logits / self.tau, dim=-1)
-        refine = min(self.refine, int((counts > 0).sum()))
+        nonempty = (2 if h > 1 else 1) * (2 if w > 1 else 1)          # from the sizes: no device sync
+        refine = min(self.refine, nonempty)
         hard = torch.zeros_like(soft).scatter_(1, logits.topk(refine, dim=-1).indices, 1.0)
         order = torch.where(hard[:, win_seq] > 0, fine, coarse)                    # (b, L)
         return QuadtreePlan(order, soft, hard, fine, coarse, inv_fine, inv_coarse, win_pix)
@@ -132,7 +133,8 @@ class QuadtreePlan:
 
     def straight_through_in(self, x: torch.Tensor) -> torch.Tensor:
         """x + ST * U_hard(S_fine x - S_coarse x): pixel p reads fine/coarse at its hard sequence position."""
-        inv = torch.argsort(self.order, dim=-1)                                      # (b, L) hard inverse
+        ar = torch.arange(self.order.shape[1], device=self.order.device).expand_as(self.order)
+        inv = torch.empty_like(self.order).scatter_(1, self.order, ar)               # (b, L) hard inverse
         return self._st(x, self._fine[inv], self._coarse[inv])
 
     def straight_through_out(self, y: torch.Tensor) -> torch.Tensor:
