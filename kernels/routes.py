@@ -170,7 +170,22 @@ def quadtree_shift(h: int, w: int, index: int) -> tuple[int, int]:
     return sy * (max(h // 8, 1) if h > 1 else 0), sx * (max(w // 8, 1) if w > 1 else 0)
 
 
-@functools.lru_cache(maxsize=256)
+def _trace_safe_cache(fn):
+    """lru_cache that is bypassed while torch.compile/export trace: a map built during tracing is a FakeTensor and
+    must never be served to a later eager call (maps cached by eager runs are fine to reuse while tracing)."""
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        return cached(*args)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
+@_trace_safe_cache
 def _quadtree_cpu(h: int, w: int, dy: int, dx: int):
     # Virtual (unshifted) coordinates (rv, cv) sit at pixel ((rv + dy) % h, (cv + dx) % w).
     pix = torch.arange(h * w).view(h, w).roll((-dy, -dx), (0, 1))      # pix[rv, cv] = flat index of that pixel
@@ -224,7 +239,7 @@ def _inverse(idx: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-@functools.lru_cache(maxsize=256)
+@_trace_safe_cache
 def _cached(name: str, h: int, w: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     base, value = parse_route(name)
     spec = _ROUTES[base]

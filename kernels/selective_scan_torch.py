@@ -58,7 +58,7 @@ def linear_recurrence_steps(a: torch.Tensor, b: torch.Tensor, decay: torch.Tenso
     """
     h = b
     for j in range(1, h.shape[0]):
-        torch.addcmul(h[j], a[j], h[j - 1], out=h[j])
+        h[j].addcmul_(a[j], h[j - 1])  # in place, not out=: exported graphs must stay differentiable
     lead, n_blocks = h.shape[1:-1], h.shape[-1]
     carry_in = torch.empty((*lead, n_blocks), dtype=h.dtype, device=h.device)
     carry = h0 if h0 is not None else torch.zeros(lead, dtype=h.dtype, device=h.device)

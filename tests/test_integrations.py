@@ -196,7 +196,7 @@ def test_vmunet_monai_in_monai_workflow():
 def _export_and_compare(model, x):
     model.eval()
     with torch.no_grad():
-        ref = model(x)  # also fills the route-map cache with real tensors before tracing (see the xfail below)
+        ref = model(x)
     ep = torch.export.export(model, (x,))
     with torch.no_grad():
         out = ep.module()(x)
@@ -216,9 +216,8 @@ def test_export_smp_unet_vmamba():
     _export_and_compare(model, torch.randn(1, 1, 32, 32))
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/routes.py lru_caches the route index maps; tracing a shape not seen "
-                                       "eagerly caches FakeTensors, and later eager calls return FakeTensors")
 def test_eager_after_export_of_an_unseen_shape():
+    """Route maps first built while tracing must not be cached as FakeTensors for later eager calls."""
     model = VMUNet(3, 2, **TINY).eval()
     x = torch.randn(1, 3, 160, 32)  # a size no other test uses, so its maps are first built under tracing
     torch.export.export(model, (x,))
@@ -226,9 +225,8 @@ def test_eager_after_export_of_an_unseen_shape():
         assert type(model(x)) is torch.Tensor
 
 
-@pytest.mark.xfail(strict=True, reason="the reference scan writes with torch.addcmul(out=...), which autograd "
-                                       "rejects once the autograd.Function is inlined into an exported graph")
 def test_exported_program_runs_with_grad_enabled():
+    """The reference scan's in-place writes must stay legal when its autograd.Function is inlined by export."""
     model = VMUNet(3, 2, **TINY).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
