@@ -267,3 +267,17 @@ def test_cli_converts_to_a_checkpoint_our_tools_load(tmp_path, capsys):
     assert cli.main([str(src), str(tmp_path / "x.pth"), "--set", "dims=16,32,64,128", "depths=1,1,1,1",
                      "depths_decoder=1,1,1,1"]) == 2
     assert "patch_embed.proj.weight" in capsys.readouterr().err
+
+
+def test_create_model_pretrained_loads_a_published_checkpoint(tmp_path):
+    torch.manual_seed(2)
+    trained = VMUNet(3, 1, **TINY).eval()
+    path = tmp_path / "best.pth"
+    torch.save(published_vmunet_state_dict(trained), path)
+    model = vm_unet.create_model("vmunet_isic", pretrained=path, **TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+    with pytest.raises(WeightsError, match="shape"):
+        vm_unet.create_model("vmunet_isic", pretrained=path, dims=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                             depths_decoder=[1, 1, 1, 1])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,7 +45,16 @@ def model_config(name: str, in_chans: int = 3, num_classes: int = 1, **overrides
     return {**entry.defaults, "in_chans": in_chans, "num_classes": num_classes, **overrides}
 
 
-def create_model(name: str, in_chans: int = 3, num_classes: int = 1, **overrides: Any) -> nn.Module:
-    """Build a registered model. ``overrides`` replace the registered defaults (e.g. ``dims``, ``depths``)."""
+def create_model(name: str, in_chans: int = 3, num_classes: int = 1, pretrained: str | Path | None = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a registered model. ``overrides`` replace the registered defaults (e.g. ``dims``, ``depths``).
+
+    ``pretrained``: a local checkpoint (official VMamba/VM-UNet or ours) loaded with ``vm_unet.weights``; the
+    load report is logged, a shape mismatch raises ``WeightsError`` naming the key.
+    """
     entry = model_entry(name)
-    return entry.builder(**model_config(name, in_chans, num_classes, **overrides))
+    model = entry.builder(**model_config(name, in_chans, num_classes, **overrides))
+    if pretrained is not None:
+        from vm_unet.weights import load_pretrained  # noqa: PLC0415 (weights imports the models package)
+        load_pretrained(model, pretrained, verbose=True)
+    return model
