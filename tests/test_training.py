@@ -1,0 +1,175 @@
+"""End-to-end training on CPU with tiny models: outputs, exact resume, evaluation, CLI errors, NaN handling."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vm_unet.checkpoint import load_checkpoint, read_checkpoint
+from vm_unet.training import load_config, train
+from vm_unet.training.evaluate import evaluate_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "depths_decoder": [1, 1, 1, 1], "d_state": 2,
+        "drop_path_rate": 0.1}  # drop path on: resume must restore the RNG that draws it
+
+
+def tiny_cfg(out, **train_kw):
+    cfg = load_config("synthetic")
+    cfg["out"] = str(out)
+    cfg["model"]["overrides"] = dict(TINY)
+    cfg["data"].update({"image_size": 32, "num_samples": {"train": 12, "val": 4}})
+    cfg["train"].update({"epochs": 2, "batch_size": 4, "warmup_steps": 2, "overlays": 2, **train_kw})
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("VMUNET_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted 2-epoch run with EMA, shared by the tests below (CPU time is precious)."""
+    import os
+
+    os.environ["VMUNET_NO_PROGRESS"] = "1"
+    return train(tiny_cfg(tmp_path_factory.mktemp("full"), ema=0.9))
+
+
+def test_train_synthetic_outputs(full_run):
+    run = full_run
+    for f in ("last.pt", "best.pt", "metrics.csv", "metrics.json", "curves.png", "config.yaml",
+              "overlays/epoch_0001.png", "overlays/epoch_0002.png"):
+        assert (run / f).is_file(), f
+    hist = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2] and hist[-1]["step"] == 6
+    assert 0 <= hist[-1]["val_mean_dice"] <= 1 and 0 <= hist[-1]["val_pooled_dsc"] <= 1
+    model, meta = load_checkpoint(run / "best.pt")
+    assert meta["preprocessing"]["image_size"] == [32, 32] and meta["task"] == "binary"
+    assert model(torch.zeros(1, 3, 40, 36)).shape == (1, 1, 40, 36)
+    ts = read_checkpoint(run / "last.pt")["training_state"]
+    assert ts["epoch"] == 2 and ts["global_step"] == 6 and "ema" in ts
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_resume_is_exact(tmp_path, full_run):
+    full = full_run
+
+    class Crash(Exception):
+        pass
+
+    def crash(info):
+        if info["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_cfg(tmp_path / "b", ema=0.9), callbacks={"on_epoch_end": crash})
+    (partial,) = list((tmp_path / "b").iterdir())
+    resumed = train(read_checkpoint(partial / "last.pt")["extra"]["config"], resume=partial)
+    assert resumed == partial
+    a, b = read_checkpoint(full / "last.pt"), read_checkpoint(resumed / "last.pt")
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in a["training_state"]["model"]:
+        assert torch.equal(a["training_state"]["model"][k], b["training_state"]["model"][k]), k
+    sa, sb = a["training_state"]["optimizer"]["state"], b["training_state"]["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert a["training_state"]["scheduler"]["last_epoch"] == b["training_state"]["scheduler"]["last_epoch"] == 6
+    ha = json.loads((full / "metrics.json").read_text())["history"]
+    hb = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert ha == hb
+
+
+def test_sampler_skip_resumes_mid_epoch():
+    from vm_unet.training.sampling import TrainSampler
+
+    s = TrainSampler(10, seed=3, rank=1, world=2)
+    s.set_epoch(4)
+    whole = list(s)
+    s.set_epoch(4, skip=2)
+    assert list(s) == whole[2:] and len(s) == 3
+    s.set_epoch(5)
+    assert list(s) != whole
+    w = TrainSampler(10, seed=3, weights=[1.0] * 5 + [0.0] * 5)
+    w.set_epoch(0)
+    assert all(i < 5 for i, _ in w)
+
+
+def test_evaluate_outputs(tmp_path, full_run):
+    run = full_run
+    s = evaluate_checkpoint(run / "best.pt", out=tmp_path / "ev")
+    ev = tmp_path / "ev"
+    rows = (ev / "per_case.csv").read_text().splitlines()
+    assert rows[0].startswith("name,case,dice,iou,hd95") and len(rows) == 1 + 4
+    js = json.loads((ev / "summary.json").read_text())
+    assert js["n_items"] == 4 and 0 <= js["pooled_dsc"] <= 1 and "mean_dice" in js
+    assert list((ev / "overlays").glob("*.png"))
+    # evaluation on synthetic val reproduces the trainer's validation of the best epoch (same resolution there)
+    best = json.loads((run / "metrics.json").read_text())["best_val_mean_dice"]
+    assert abs(best - s["mean_dice"]) < 1e-6
+
+
+@pytest.mark.skipif(not (SHARED / "isic2016_test_224").is_dir(), reason="shared data not present")
+def test_train_and_evaluate_on_real_isic_pairs(tmp_path):
+    src = SHARED / "isic2016_test_224"
+    root = tmp_path / "isic"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for name in sorted(p.name for p in (src / "images").iterdir())[:8]:
+        shutil.copy(src / "images" / name, root / "images" / name)
+        shutil.copy(src / "masks" / name, root / "masks" / name.replace(".png", "_segmentation.png"))
+    cfg = load_config("isic")
+    cfg["model"]["overrides"] = dict(TINY)
+    cfg["out"] = str(tmp_path / "runs")
+    cfg["data"].update({"root": str(root), "image_size": 32, "num_workers": 0, "split": {"val_fraction": 0.25}})
+    cfg["train"].update({"epochs": 1, "batch_size": 3, "warmup_steps": 1})
+    run = train(cfg)
+    assert json.loads((run / "split.json").read_text())["mode"] == "seeded"
+    s = evaluate_checkpoint(run / "best.pt", data_root=root, out=tmp_path / "ev")
+    assert s["n_items"] == 8  # a whole folder; metrics at 224x224, the masks' own size
+    assert len((tmp_path / "ev" / "per_case.csv").read_text().splitlines()) == 9
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "VMUNET_NO_PROGRESS": "1"})
+
+
+def test_cli_bad_inputs_one_line_no_traceback(tmp_path, capsys):
+    from vm_unet.training.cli import evaluate_main, run_cli, train_main
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir(parents=True)
+    (tmp_path / "bad.pt").write_bytes(b"nonsense")
+    out = str(tmp_path / "r")
+    cases = [
+        (train_main, ["--config", "isic", "--data-root", str(tmp_path / "data"), "--out", out], "no image files"),
+        (train_main, ["--config", "nosuchconfig"], "config file not found"),
+        (train_main, ["--set", "train.amp=fp17", "--out", out, "--set", "data.num_samples={train: 4, val: 2}"],
+         "train.amp"),
+        (train_main, ["--model", "nosuchmodel", "--out", out], "nosuchmodel"),
+        (evaluate_main, ["--checkpoint", str(tmp_path / "bad.pt")], "bad.pt"),
+        (evaluate_main, ["--checkpoint", str(tmp_path / "none.pt")], "not found"),
+    ]
+    for fn, args, match in cases:
+        assert run_cli(fn, args) == 2, args
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], (args, err)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    # and as a real process: exit code 2, one line, no traceback
+    r = _cli("scripts/evaluate.py", "--checkpoint", str(tmp_path / "bad.pt"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_nan_loss_stops_clearly(tmp_path):
+    # std 0 makes every input inf, so the loss is NaN on the first step
+    r = _cli("scripts/train.py", "--out", str(tmp_path / "r"), "--max-steps", "2", "--image-size", "32",
+             "--set", "data.std=[0,0,0]", "--set", f"model.overrides={json.dumps(TINY)}",
+             "--set", "data.num_samples={train: 8, val: 4}")
+    assert r.returncode == 2 and "NaN/Inf" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing half-written
