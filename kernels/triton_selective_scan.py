@@ -29,7 +29,8 @@ def _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, out, states, la
     batch, dim, length = u.shape
     groups, n_state = B4.shape[1], A.shape[1]
     dk = dim // groups
-    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=store_states and not write_out)
+    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=store_states and not write_out,
+                                          rows=batch * groups)
     nchunk = triton_cdiv(length, bl)
     if states is None:
         states = u  # never touched: STORE_STATES is off
@@ -84,7 +85,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     B4, C4 = _bc4(B), _bc4(C)
     groups, n_state = B4.shape[1], A.shape[1]
     dk = dim // groups
-    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=True)
+    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=True, rows=batch * groups)
     nchunk = triton_cdiv(length, bl)
     states = torch.empty(batch * dim * nchunk * np_, device=u.device, dtype=torch.float32)
     _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, None, states, None,

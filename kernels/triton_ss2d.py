@@ -79,7 +79,7 @@ def _prep(x, dt_low, B, C, dt_weight, lay):
 
 
 def _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, out, states, b, d, k, r, n, L, backward):
-    bd, np_, bl, warps = core.tile_config(n, L, d, backward=backward)
+    bd, np_, bl, warps = core.tile_config(n, L, d, backward=backward, rows=b * k)
     nchunk = _cdiv(L, bl)
     grid = (_cdiv(d, bd), k, b)
     core._scan_fwd_kernel[grid](
@@ -101,8 +101,8 @@ def _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, out, states, b, 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
 def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
-             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, idx: torch.Tensor, kmap: torch.Tensor,
-             lay: list[int]) -> torch.Tensor:
+             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str) -> torch.Tensor:
+    idx, kmap, lay = _route_plan(route, x.shape[-2], x.shape[-1], str(x.device))
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
     n = A.shape[1]
     out = torch.zeros(xx.shape, device=x.device, dtype=torch.float32)
@@ -112,19 +112,20 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
 
 
 @ss2d_fwd.register_fake
-def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, lay):
+def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
 def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
-             idx: torch.Tensor, kmap: torch.Tensor, lay: list[int]) -> list[torch.Tensor]:
+             route: str) -> list[torch.Tensor]:
     """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]."""
+    idx, kmap, lay = _route_plan(route, x.shape[-2], x.shape[-1], str(x.device))
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
     n = A.shape[1]
     dt_bias, A, Ds = dt_bias.contiguous(), A.contiguous(), Ds.contiguous()
-    bd, np_, bl, warps = core.tile_config(n, L, d, backward=True)
+    bd, np_, bl, warps = core.tile_config(n, L, d, backward=True, rows=b * k)
     nchunk = _cdiv(L, bl)
     states = torch.empty(b * k * d * nchunk * np_, device=x.device, dtype=torch.float32)
     _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, None, states, b, d, k, r, n, L, backward=True)
@@ -167,19 +168,19 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
 
 
 @ss2d_bwd.register_fake
-def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, lay):
+def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route):
     return [torch.empty_like(t, memory_format=torch.contiguous_format)
             for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds)]
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:-1])
-    ctx.lay = inputs[-1]
+    ctx.route = inputs[-1]
 
 
 def _backward(ctx, grad):
-    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap = ctx.saved_tensors
-    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, ctx.lay), None, None, None)
+    x, dt_low, B, C, dt_weight, dt_bias, A, Ds = ctx.saved_tensors
+    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route), None)
 
 
 ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -187,6 +188,5 @@ ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
     """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``)."""
-    h, w = x.shape[-2:]
-    idx, kmap, lay = _route_plan(route, h, w, str(x.device))
-    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, idx, kmap, list(lay))
+    # the route's index maps are resolved (and cached) inside the op, so torch.compile never traces them
+    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)

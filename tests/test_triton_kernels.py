@@ -199,9 +199,9 @@ def test_opcheck_fake_and_autograd_registration():
     from torch.library import opcheck
     args = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32)
     from vm_unet.kernels.triton_ss2d import _route_plan
-    idx, kmap, lay = _route_plan("cross", 2, 3, "cpu")
+    _, _, lay = _route_plan("cross", 2, 3, "cpu")
     assert lay == (0, 1, 0, 1)  # column routes read the transposed copy
-    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, idx, kmap, list(lay)),
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross"),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     s = scan_inputs(1, 2, 5, 2, 0, torch.float32)
     opcheck(torch.ops.vm_unet.selective_scan_fwd.default, (*s, True),
