@@ -55,7 +55,7 @@ def _ckpt(path: Path, *, in_chans: int, num_classes: int, preprocessing: dict, s
         with torch.no_grad():  # an untrained head gives near-uniform softmax; spread the logits so labels vary
             model.head.bias.copy_(torch.linspace(-0.3, 0.3, num_classes))
     names = ["background", "lesion"] if num_classes == 1 else ["background"] + [f"c{i}" for i in range(1, num_classes)]
-    pre = {"image_size": SIZE, "in_chans": in_chans, **preprocessing}
+    pre = {"image_size": SIZE, "in_chans": in_chans, **preprocessing}  # preprocessing may override the size
     return save_checkpoint(path, model, model_name="vmunet_isic",
                            model_kwargs={"in_chans": in_chans, "num_classes": num_classes, **TINY},
                            preprocessing=pre, class_names=names)
@@ -69,6 +69,9 @@ def ckpts(tmp_path_factory):
         vol=_ckpt(d / "vol.pth", in_chans=1, num_classes=3, preprocessing=vol),
         vol_bin=_ckpt(d / "vol_bin.pth", in_chans=1, num_classes=1, preprocessing=vol, seed=1),
         rgb=_ckpt(d / "rgb.pth", in_chans=3, num_classes=1, preprocessing={"input": "image2d", "normalize": IMAGENET}),
+        # 128² windows for the 2048² test: per-call overhead dominates tiny windows on CPU
+        rgb128=_ckpt(d / "rgb128.pth", in_chans=3, num_classes=1,
+                     preprocessing={"input": "image2d", "normalize": IMAGENET, "image_size": [128, 128]}),
         grey=_ckpt(d / "grey.pth", in_chans=1, num_classes=3,
                    preprocessing={"input": "image2d",
                                   "normalize": {"mean": [0.5], "std": [0.25], "max_pixel_value": 255.0}}),
@@ -290,8 +293,8 @@ def test_large_image_cli(ckpts, tmp_path, capsys):
     src = tmp_path / "big.jpg"
     Image.fromarray(_rgb_picture(2048, 2048, seed=2)).save(src, quality=95)
     out = tmp_path / "out"
-    rc, _, err = _run([src, "-c", ckpts.rgb, "-o", out, "--overlay", "--probabilities", "--overlap", "0",
-                       "--sw-batch-size", "64", "--max-band-mb", "64"], capsys)
+    rc, _, err = _run([src, "-c", ckpts.rgb128, "-o", out, "--overlay", "--probabilities", "--overlap", "0",
+                       "--sw-batch-size", "8", "--max-band-mb", "48"], capsys)  # 48 MB: several bands of rows
     assert rc == 0, err
     mask = np.asarray(Image.open(out / "big.png"))
     assert mask.shape == (2048, 2048) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
@@ -459,8 +462,9 @@ def test_input_never_overwritten(ckpts, tmp_path, capsys):
     assert rc == 1 and "overwrite the input" in err and src.read_bytes() == before
 
 
-def test_script_subprocess_clean_error_and_success(ckpts, tmp_path):
-    """The real script: one line and exit 1 for junk input, exit 0 and a file for good input."""
+def test_script_subprocess_clean_error(ckpts, tmp_path):
+    """The real script (a fresh interpreter): one line, exit 1, no output for junk input. The success path of the
+    same code runs in-process in the tests above (main() is what the script calls)."""
     junk = tmp_path / "junk.nii.gz"
     junk.write_text("definitely not nifti")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -468,8 +472,4 @@ def test_script_subprocess_clean_error_and_success(ckpts, tmp_path):
                         "-o", str(tmp_path / "o"), "-q"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")][0].count("junk.nii.gz") == 1
-    good = _nifti(tmp_path / "good.nii.gz", _blob_volume((20, 20, 2)))
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "infer.py"), str(good), "-c", str(ckpts.vol),
-                        "-o", str(tmp_path / "seg.nii.gz")], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "seg.nii.gz").is_file() and "good.nii.gz" in r.stdout
+    assert not (tmp_path / "o" / "junk.nii.gz").exists()

@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     single = args.input.is_file()
     out_lower = args.out.name.lower()
     single_file_target = single and (out_lower.endswith((".nii", ".nii.gz", ".png")))
+    if not single and out_lower.endswith((".nii", ".nii.gz", ".png")) and not args.out.is_dir():
+        raise InputError(f"{args.out}: INPUT is a folder, so --out must be a folder, not a file name")
     check_writable_dir(args.out.parent if single_file_target else args.out)
 
     model, meta = load_checkpoint(args.checkpoint, device="cpu")
