@@ -14,7 +14,7 @@ DEFAULTS: dict = {
     "device": "auto",          # auto | cpu | cuda
     "out": "runs",
     "run_name": None,
-    "model": {"name": "vmunet_isic", "in_chans": 3, "num_classes": 1, "overrides": {}},
+    "model": {"name": "vmunet_isic", "in_chans": 3, "num_classes": 1, "overrides": {}, "pretrained": None},
     "data": {"kind": "synthetic", "root": None, "image_size": 64, "num_workers": 0, "class_names": None,
              "split": {"val_fraction": 0.2, "test_fraction": 0.0, "seed": 0, "file": None}},
     "augment": [],

@@ -26,7 +26,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from vm_unet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from vm_unet.errors import ConfigError, TrainingError
+from vm_unet.errors import ConfigError, TrainingError, UserError
 
 from . import distributed as D
 from .losses import SegLoss
@@ -178,7 +178,12 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     num_classes, in_chans = int(mc.get("num_classes", 1)), int(mc.get("in_chans", 3))
     try:
         model_kwargs = model_config(mc["name"], in_chans, num_classes, **(mc.get("overrides") or {}))
-        model = vm_unet.create_model(mc["name"], **model_kwargs)
+        # pretrained weights initialise a fresh run only; they are not part of the saved model description
+        pretrained = mc.get("pretrained") if resume is None else None
+        model = vm_unet.create_model(mc["name"], pretrained=pretrained, **model_kwargs) if pretrained \
+            else vm_unet.create_model(mc["name"], **model_kwargs)
+    except UserError:
+        raise
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).strip(chr(39))}") from None
     model.to(dev)
