@@ -66,6 +66,22 @@ def _delta_pre(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias,
 
 
 @triton.jit
+def _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias,
+                 LOWRANK: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+    """``_delta_pre`` transposed: [BL, BD]."""
+    if LOWRANK:
+        acc = tl.zeros([BL, BD], dtype=tl.float32)
+        for r in range(R):
+            w = tl.load(w_base + d * s_wd + r, mask=dmask, other=0.0).to(tl.float32)
+            lo = tl.load(dt_base + r * s_td + pos * s_tl, mask=lmask, other=0.0).to(tl.float32)
+            acc += lo[:, None] * w[None, :]
+    else:
+        acc = tl.load(dt_base + pos[:, None] * s_tl + d[None, :] * s_td,
+                      mask=lmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return acc + bias[None, :]
+
+
+@triton.jit
 def _delta(pre, mask, SOFTPLUS: tl.constexpr):
     dl = _softplus(pre) if SOFTPLUS else pre
     # Δ = 0 outside the valid range gives a = 1, b = 0: padded steps carry the state through unchanged.
@@ -111,49 +127,52 @@ def _scan_fwd_kernel(
     o_base = out_ptr + b * s_ob + ku * s_ok
     idx_base = idx_ptr + k * s_ik
 
-    A = tl.load(A_ptr + ch[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+    # tiles are [BL, NP, BD]: the scanned axis first, channels last. Positions are gathered (contiguity
+    # unknown), so the default layout puts lanes on channels then states: the scan over axis 0 stays inside each
+    # thread and the sum over states needs few shuffles (the cross-lane scan's shuffles were the main cost)
+    A = tl.load(A_ptr + ch[None, :] * N + n[:, None], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(Dp_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
-    st_base = state_ptr + ((b * K + k) * DK + d[:, None]) * (NCHUNK * NP) + n[None, :]
+    st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
-    h = tl.zeros([BD, NP], dtype=tl.float32)
+    h = tl.zeros([NP, BD], dtype=tl.float32)
     for c in range(NCHUNK):
         if STORE_STATES:
-            tl.store(st_base + c * NP, h, mask=dmask[:, None])
+            tl.store(st_base + c * NP, h, mask=dmask[None, :])
         l = c * BL + j
         lmask = l < L
         pos = _positions(idx_base, l, lmask, GATHER)
-        m2 = dmask[:, None] & lmask[None, :]
-        u = tl.load(u_base + d[:, None] * s_ud + pos[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        pre = _delta_pre(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
+        m2 = lmask[:, None] & dmask[None, :]
+        u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
+        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
         dl = _delta(pre, m2, SOFTPLUS)
-        nl = nmask[:, None] & lmask[None, :]
-        Bt = tl.load(B_base + n[:, None] * s_Bn + pos[None, :] * s_Bl, mask=nl, other=0.0).to(tl.float32)
-        a = tl.exp(dl[:, None, :] * A[:, :, None])
-        bx = (dl * u)[:, None, :] * Bt[None, :, :]
-        P, Hs = tl.associative_scan((a, bx), 2, _combine)
-        hs = P * h[:, :, None] + Hs
-        # state after the chunk = its last column (padded steps kept it unchanged)
-        h = tl.sum(tl.where((j == BL - 1)[None, None, :], hs, 0.0), axis=2)
+        nl = lmask[:, None] & nmask[None, :]
+        Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
+        a = tl.exp(dl[:, None, :] * A[None, :, :])
+        bx = (dl * u)[:, None, :] * Bt[:, :, None]
+        P, Hs = tl.associative_scan((a, bx), 0, _combine)
+        hs = P * h[None, :, :] + Hs
+        # state after the chunk = its last row (padded steps kept it unchanged)
+        h = tl.sum(tl.where((j == BL - 1)[:, None, None], hs, 0.0), axis=0)
         if WRITE_OUT:
-            Ct = tl.load(C_base + n[:, None] * s_Cn + pos[None, :] * s_Cl, mask=nl, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            Ct = tl.load(C_base + pos[:, None] * s_Cl + n[None, :] * s_Cn, mask=nl, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
-                y += Dv[:, None] * u
+                y += Dv[None, :] * u
             if HAS_Z:
-                zt = tl.load(z_base + d[:, None] * s_zd + pos[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
+                zt = tl.load(z_base + pos[:, None] * s_zl + d[None, :] * s_zd, mask=m2, other=0.0).to(tl.float32)
                 y = y * zt / (1.0 + tl.exp(-zt))
-            optr = o_base + d[:, None] * s_od + pos[None, :] * s_ol
+            optr = o_base + pos[:, None] * s_ol + d[None, :] * s_od
             if ATOMIC_OUT:
                 tl.atomic_add(optr, y, mask=m2, sem="relaxed")
             else:
                 tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=m2)
     if WRITE_LAST:
-        tl.store(last_ptr + (b * K * DK + ch[:, None]) * N + n[None, :], h, mask=dmask[:, None] & nmask[None, :])
+        tl.store(last_ptr + (b * K * DK + ch[None, :]) * N + n[:, None], h, mask=nmask[:, None] & dmask[None, :])
 
 
 @triton.jit
