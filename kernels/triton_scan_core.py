@@ -223,8 +223,9 @@ def _scan_bwd_kernel(
     dC_base = dC_ptr + b * s_dCb + k * s_dCk
     idx_base = idx_ptr + k * s_ik
 
-    An = nmask[None, :] & dmask[:, None]
-    A = tl.load(A_ptr + ch[:, None] * N + n[None, :], mask=An, other=0.0).to(tl.float32)
+    # tiles [BL, NP, BD] as in the forward kernel: scans stay inside threads, lanes run over channels/states
+    An = nmask[:, None] & dmask[None, :]
+    A = tl.load(A_ptr + ch[None, :] * N + n[:, None], mask=An, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     else:
@@ -233,96 +234,97 @@ def _scan_bwd_kernel(
         Dv = tl.load(Dp_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     else:
         Dv = tl.zeros([BD], dtype=tl.float32)
-    st_base = state_ptr + ((b * K + k) * DK + d[:, None]) * (NCHUNK * NP) + n[None, :]
+    st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
-    dh_next = tl.zeros([BD, NP], dtype=tl.float32)   # dh at the first position of the chunk after this one
-    dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
+    dh_next = tl.zeros([NP, BD], dtype=tl.float32)   # dh at the first position of the chunk after this one
+    dA_acc = tl.zeros([NP, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
     if LOWRANK:
         rr = tl.arange(0, RP)
-        dW_acc = tl.zeros([BD, RP], dtype=tl.float32)
+        dW_acc = tl.zeros([RP, BD], dtype=tl.float32)
     for ci in range(NCHUNK):
         c = NCHUNK - 1 - ci
         l = c * BL + j
         lmask = l < L
         pos = _positions(idx_base, l, lmask, GATHER)
-        m2 = dmask[:, None] & lmask[None, :]
-        nl = nmask[:, None] & lmask[None, :]
-        u = tl.load(u_base + d[:, None] * s_ud + pos[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        pre = _delta_pre(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
+        m2 = lmask[:, None] & dmask[None, :]
+        nl = lmask[:, None] & nmask[None, :]
+        u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
+        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
         dl = _delta(pre, m2, SOFTPLUS)
-        Bt = tl.load(B_base + n[:, None] * s_Bn + pos[None, :] * s_Bl, mask=nl, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + n[:, None] * s_Cn + pos[None, :] * s_Cl, mask=nl, other=0.0).to(tl.float32)
+        Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + pos[:, None] * s_Cl + n[None, :] * s_Cn, mask=nl, other=0.0).to(tl.float32)
         # states of this chunk, rebuilt from its stored start state
-        a = tl.exp(dl[:, None, :] * A[:, :, None])
+        a = tl.exp(dl[:, None, :] * A[None, :, :])
         dlu = dl * u
-        bx = dlu[:, None, :] * Bt[None, :, :]
-        P, Hs = tl.associative_scan((a, bx), 2, _combine)
-        h0 = tl.load(st_base + c * NP, mask=dmask[:, None], other=0.0)
-        hs = P * h0[:, :, None] + Hs
+        bx = dlu[:, None, :] * Bt[:, :, None]
+        P, Hs = tl.associative_scan((a, bx), 0, _combine)
+        h0 = tl.load(st_base + c * NP, mask=dmask[None, :], other=0.0)
+        hs = P * h0[None, :, :] + Hs
 
-        g = tl.load(g_base + d[:, None] * s_gd + pos[None, :] * s_gl, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(g_base + pos[:, None] * s_gl + d[None, :] * s_gd, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
-            y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
-            zt = tl.load(z_base + d[:, None] * s_zd + pos[None, :] * s_zl, mask=m2, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
+            zoff = pos[:, None] * s_zl + d[None, :] * s_zd
+            zt = tl.load(z_base + zoff, mask=m2, other=0.0).to(tl.float32)
             sig = 1.0 / (1.0 + tl.exp(-zt))
             dz = g * y * sig * (1.0 + zt * (1.0 - sig))
-            tl.store(dz_base + d[:, None] * s_zd + pos[None, :] * s_zl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            tl.store(dz_base + zoff, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             g = g * zt * sig
 
-        # a_{l+1}: Δ at the next position (next chunk's first one for the last column; a = 1 past the end)
+        # a_{l+1}: Δ at the next position (next chunk's first one for the last row; a = 1 past the end)
         l1 = l + 1
         l1mask = l1 < L
         pos1 = _positions(idx_base, l1, l1mask, GATHER)
-        m21 = dmask[:, None] & l1mask[None, :]
-        pre1 = _delta_pre(dt_base, w_base, d, dmask, pos1, l1mask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
-        a1 = tl.exp(_delta(pre1, m21, SOFTPLUS)[:, None, :] * A[:, :, None])
-        cg = Ct[None, :, :] * g[:, None, :]
-        Q, S = tl.associative_scan((a1, cg), 2, _combine, reverse=True)
-        dh = Q * dh_next[:, :, None] + S
-        dh_next = tl.sum(tl.where((j == 0)[None, None, :], dh, 0.0), axis=2)
+        m21 = l1mask[:, None] & dmask[None, :]
+        pre1 = _delta_pre_t(dt_base, w_base, d, dmask, pos1, l1mask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
+        a1 = tl.exp(_delta(pre1, m21, SOFTPLUS)[:, None, :] * A[None, :, :])
+        cg = Ct[:, :, None] * g[:, None, :]
+        Q, S = tl.associative_scan((a1, cg), 0, _combine, reverse=True)
+        dh = Q * dh_next[None, :, :] + S
+        dh_next = tl.sum(tl.where((j == 0)[:, None, None], dh, 0.0), axis=0)
 
         # dC = sum_d g h, dB = sum_d Δ u dh: reduced over this program's channels, then atomics
-        dCp = tl.sum(hs * g[:, None, :], axis=0)
-        tl.atomic_add(dC_base + n[:, None] * s_dCn + pos[None, :] * s_dCl, dCp, mask=nl, sem="relaxed")
-        dBp = tl.sum(dh * dlu[:, None, :], axis=0)
-        tl.atomic_add(dB_base + n[:, None] * s_dBn + pos[None, :] * s_dBl, dBp, mask=nl, sem="relaxed")
+        dCp = tl.sum(hs * g[:, None, :], axis=2)
+        tl.atomic_add(dC_base + pos[:, None] * s_dCl + n[None, :] * s_dCn, dCp, mask=nl, sem="relaxed")
+        dBp = tl.sum(dh * dlu[:, None, :], axis=2)
+        tl.atomic_add(dB_base + pos[:, None] * s_dBl + n[None, :] * s_dBn, dBp, mask=nl, sem="relaxed")
 
-        dhB = tl.sum(dh * Bt[None, :, :], axis=1)
-        du = dl * dhB + Dv[:, None] * g
-        du_ptrs = du_base + d[:, None] * s_dud + pos[None, :] * s_dul
+        dhB = tl.sum(dh * Bt[:, :, None], axis=1)
+        du = dl * dhB + Dv[None, :] * g
+        du_ptrs = du_base + pos[:, None] * s_dul + d[None, :] * s_dud
         if ATOMIC_DU:
             tl.atomic_add(du_ptrs, du, mask=m2, sem="relaxed")
         else:
             tl.store(du_ptrs, du.to(du_ptr.dtype.element_ty), mask=m2)
         # a_l h_{l-1} = h_l - b_l: the gradient w.r.t. Δ·A needs no shifted state
         t = dh * (hs - bx)
-        ddl = u * dhB + tl.sum(t * A[:, :, None], axis=1)
-        dA_acc += tl.sum(t * dl[:, None, :], axis=2)
+        ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
+        dA_acc += tl.sum(t * dl[:, None, :], axis=0)
         if SOFTPLUS:
             ddl = ddl / (1.0 + tl.exp(-pre))
         ddl = tl.where(m2, ddl, 0.0)
-        dbias_acc += tl.sum(ddl, axis=1)
-        dD_acc += tl.sum(g * u, axis=1)
+        dbias_acc += tl.sum(ddl, axis=0)
+        dD_acc += tl.sum(g * u, axis=0)
         if LOWRANK:
             for r in range(R):
                 w = tl.load(w_base + d * s_wd + r, mask=dmask, other=0.0).to(tl.float32)
                 lo = tl.load(dt_base + r * s_td + pos * s_tl, mask=lmask, other=0.0).to(tl.float32)
-                dlo = tl.sum(w[:, None] * ddl, axis=0)
+                dlo = tl.sum(w[None, :] * ddl, axis=1)
                 tl.atomic_add(ddt_base + r * s_ddd + pos * s_ddl, dlo, mask=lmask, sem="relaxed")
-                dw = tl.sum(ddl * lo[None, :], axis=1)
-                dW_acc += tl.where(rr[None, :] == r, dw[:, None], 0.0)
+                dw = tl.sum(ddl * lo[:, None], axis=0)
+                dW_acc += tl.where(rr[:, None] == r, dw[None, :], 0.0)
         else:
-            tl.store(ddt_base + d[:, None] * s_ddd + pos[None, :] * s_ddl, ddl.to(ddt_ptr.dtype.element_ty),
+            tl.store(ddt_base + pos[:, None] * s_ddl + d[None, :] * s_ddd, ddl.to(ddt_ptr.dtype.element_ty),
                      mask=m2)
 
     prow = b * K * DK + ch
-    tl.store(dA_ptr + prow[:, None] * N + n[None, :], dA_acc, mask=An)
+    tl.store(dA_ptr + prow[None, :] * N + n[:, None], dA_acc, mask=An)
     tl.store(dD_ptr + prow, dD_acc, mask=dmask)
     tl.store(dbias_ptr + prow, dbias_acc, mask=dmask)
     if LOWRANK:
-        tl.store(dW_ptr + prow[:, None] * R + rr[None, :], dW_acc, mask=dmask[:, None] & (rr < R)[None, :])
+        tl.store(dW_ptr + prow[None, :] * R + rr[:, None], dW_acc, mask=(rr < R)[:, None] & dmask[None, :])
 
 
 def next_pow2(x: int) -> int:

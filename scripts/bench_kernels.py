@@ -148,8 +148,8 @@ def sweep(copy_gbs):
         for dtype in (torch.float32,):
             args = make_inputs(b, d, hw, r, n, dtype)
             gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-            cfgs = ([(16, 4, 2), (8, 4, 1), (4, 4, 1), (16, 4, 1), (4, 8, 1), (8, 8, 1)] if n == 16 else
-                    [(8, 64, 2), (4, 64, 1), (8, 32, 1), (8, 128, 2), (16, 64, 2)])
+            cfgs = ([(8, 4, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (32, 8, 2), (64, 4, 2), (32, 2, 1)] if n == 16 else
+                    [(4, 64, 1), (8, 64, 2), (32, 64, 1), (32, 16, 1), (64, 16, 2), (128, 8, 4)])
             for cfg in cfgs:
                 core.TILE_OVERRIDE = {"fwd": cfg, "bwd": cfg}
                 try:
