@@ -173,3 +173,19 @@ def test_cli_nan_loss_stops_clearly(tmp_path):
              "--set", "data.num_samples={train: 8, val: 4}")
     assert r.returncode == 2 and "NaN/Inf" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing half-written
+
+
+def test_volume_slices_train_and_per_volume_evaluation(tmp_path):
+    from test_data import make_msd
+
+    root = make_msd(tmp_path / "msd", n=3)
+    cfg = load_config("brats_slices")
+    cfg["out"] = str(tmp_path / "runs")
+    cfg["model"]["overrides"] = dict(TINY)
+    cfg["data"].update({"root": str(root), "image_size": 32, "split": {"val_fraction": 0.34, "seed": 0}})
+    cfg["train"].update({"epochs": 1, "batch_size": 4, "warmup_steps": 1, "amp": "bf16"})  # CPU bf16 autocast
+    run = train(cfg)
+    s = evaluate_checkpoint(run / "best.pt", data_root=root, out=tmp_path / "ev")
+    assert s["n_items"] == 3 and s["unit"].startswith("volume")  # one row per volume, scored in 3-D
+    rows = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["case0", "case1", "case2"]

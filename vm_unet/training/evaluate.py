@@ -1,5 +1,7 @@
 """Evaluate a checkpoint on a data folder: per-case CSV, summary JSON (per-image means and pooled), overlays.
 
+Pictures are scored per image; volumes (NIfTI/Synapse) per case in 3-D, from slice predictions stacked back.
+
 Predictions are resized back to each item's original size, so metrics are measured at the resolution of the
 ground truth, not at the network's input size."""
 
@@ -73,15 +75,44 @@ def evaluate_checkpoint(checkpoint, data_root=None, config=None, out=None, devic
     from .viz import denormalize
 
     ov = []
-    for i in tqdm(range(len(ds)), desc="evaluate", leave=False, disable=os.environ.get("VMUNET_NO_PROGRESS") == "1"):
-        img, mask = ds.source.load(i)
+    volumes = meta["preprocessing"].get("input") == "volume_slices"
+    src = ds.source
+    if volumes:
+        # per case = per volume: slice predictions are stacked back into the volume and scored in 3-D
+        axis = int(meta["preprocessing"].get("axis", 2))
+        for ci, (case, _, lab, *_) in enumerate(tqdm(src.cases, desc="evaluate", leave=False,
+                                                      disable=os.environ.get("VMUNET_NO_PROGRESS") == "1")):
+            idx = [i for i, (c, _) in enumerate(src.index) if c == ci]
+            preds = []
+            for k in range(0, len(idx), 16):
+                xs, shapes = [], None
+                for i in idx[k:k + 16]:
+                    img, mask = src.load(i)
+                    xs.append(ds.transform(img, mask, None)[0])
+                    shapes = mask.shape[:2]
+                logits = model(torch.stack(xs).to(device)).float()
+                logits = F.interpolate(logits, size=shapes, mode="bilinear", align_corners=False)
+                preds.append(predict_labels(logits, thr).cpu())
+            pred = torch.cat(preds)  # (S, H, W) in slice order
+            pred = pred.movedim(0, axis)  # back to the volume's (X, Y, Z) layout
+            target = torch.as_tensor(lab).long()
+            metrics.update(pred[None], target[None], [case], [case])
+            if len(ov) < overlays:  # the slice with most foreground is the informative one
+                s = int(torch.as_tensor(lab).movedim(axis, 0).flatten(1).sum(1).argmax())
+                img, mask = src.load(idx[s])
+                disp = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+                disp = disp[..., :1].repeat(3, -1) if disp.shape[-1] != 3 else disp
+                ov.append((f"{case} slice {s}", disp, mask, pred.movedim(axis, 0)[s].numpy()))
+    for i in ([] if volumes else tqdm(range(len(ds)), desc="evaluate", leave=False,
+                                        disable=os.environ.get("VMUNET_NO_PROGRESS") == "1")):
+        img, mask = src.load(i)
         x, _ = ds.transform(img, mask, None)
         logits = model(x[None].to(device)).float()
         logits = F.interpolate(logits, size=mask.shape[:2], mode="bilinear", align_corners=False)
         pred = predict_labels(logits, thr).cpu()
         target = torch.as_tensor(mask)[None].long()
-        name = ds.source.name(i)
-        case = ds.source.case(i) if hasattr(ds.source, "case") else name
+        name = src.name(i)
+        case = src.case(i) if hasattr(src, "case") else name
         metrics.update(pred, target, [name], [case])
         if len(ov) < overlays:
             disp = img.astype("float32")
@@ -91,6 +122,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, config=None, out=None, devic
             ov.append((name, disp, mask, pred[0].numpy()))
     summary = {"checkpoint": str(checkpoint), "data_root": str(cfg["data"].get("root")), "model": meta["model_name"],
                "task": meta["task"], "resolution": "original (predictions resized to each ground truth)",
+               "unit": "volume (3-D metrics per case)" if volumes else "image",
                **finite_or_none(metrics.summary())}
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{Path(str(cfg['data'].get('root') or 'synthetic')).name}"
     out.mkdir(parents=True, exist_ok=True)

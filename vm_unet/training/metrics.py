@@ -1,6 +1,6 @@
 """Validation metrics.
 
-Per image/case (MONAI, foreground classes only): Dice, IoU, HD95 (pixels). Empty-vs-empty gives Dice = IoU = 1
+Per image/case (MONAI, foreground classes only): Dice, IoU, HD95 (pixels/voxels; 3-D per volume in evaluation). Empty-vs-empty gives Dice = IoU = 1
 (a correct "no lesion" answer); HD95 is NaN when either side is empty and is left out of means (counted).
 Pooled over the whole set (as the published VM-UNet reports): confusion-matrix DSC, mIoU, accuracy, specificity,
 sensitivity per foreground class. Counts are plain sums, so they reduce across DDP ranks exactly.
@@ -24,7 +24,8 @@ def predict_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
 
 
 def one_hot(labels: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(labels.long(), n).permute(0, 3, 1, 2).float()
+    """(B, *spatial) -> (B, n, *spatial); works for 2-D slices and 3-D volumes."""
+    return torch.nn.functional.one_hot(labels.long(), n).movedim(-1, 1).float()
 
 
 class SegMetrics:
@@ -44,7 +45,7 @@ class SegMetrics:
         self.conf = torch.zeros(self.n, 4, dtype=torch.float64)  # per class: TP, FP, FN, TN
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, names: list[str], cases: list[str] | None = None):
-        """``pred``/``target``: (B, H, W) class indices (same size)."""
+        """``pred``/``target``: (B, H, W) or (B, X, Y, Z) class indices (same size)."""
         pred, target = pred.detach().cpu().long(), target.detach().cpu().long()
         p1, t1 = one_hot(pred, self.n), one_hot(target, self.n)
         dice = self.dice(p1, t1).double()
@@ -53,11 +54,11 @@ class SegMetrics:
             with warnings.catch_warnings():  # MONAI warns for every empty prediction/label; we report NaN instead
                 warnings.simplefilter("ignore")
                 hd = self.hd(p1, t1).double()
-            empty = (p1[:, 1:].flatten(2).sum(-1) == 0) | (t1[:, 1:].flatten(2).sum(-1) == 0)
+            empty = (p1[:, 1:].flatten(2).sum(-1) == 0) | (t1[:, 1:].flatten(2).sum(-1) == 0)  # HD undefined
             hd[empty] = float("nan")
         else:
             hd = torch.full_like(dice, float("nan"))
-        dims = (0, 2, 3)
+        dims = (0, *range(2, p1.ndim))
         tp = (p1 * t1).sum(dims).double()
         fp = (p1 * (1 - t1)).sum(dims).double()
         fn = ((1 - p1) * t1).sum(dims).double()

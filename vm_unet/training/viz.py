@@ -56,7 +56,7 @@ def denormalize(img: np.ndarray, preprocessing: dict) -> np.ndarray:
 def overlay(img01: np.ndarray, labels: np.ndarray, alpha=0.45) -> np.ndarray:
     col = COLOURS[np.asarray(labels) % len(COLOURS)] / 255.0
     m = (np.asarray(labels) > 0)[..., None]
-    return np.where(m, (1 - alpha) * img01 + alpha * col, img01)
+    return np.clip(np.where(m, (1 - alpha) * img01 + alpha * col, img01), 0, 1)
 
 
 def save_overlays(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path, title: str = "") -> None:
