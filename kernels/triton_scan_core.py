@@ -349,13 +349,13 @@ def tile_config(n_state: int, length: int, channels: int, backward: bool, rows: 
         return max(1, min(16, next_pow2(channels))), np_, max(1, min(16, next_pow2(length))), 4
     elif np_ <= 2:
         # measured on H200 (BENCHMARKS.md, fused SS2D stage-1 256² b32, N=1): best fwd and fwd+bwd
-        bd, bl, warps = 8, 64, 2
+        bd, bl, warps = 4, 64, 1
     else:
-        # N=16 measured best at BD=8, BL=4, one warp: short chunks keep the associative scan's cross-lane
-        # shuffles (the main cost) few, and one warp needs no cross-warp barriers; other N keep ~512 elements
-        bl = 4
-        bd = max(1, min(32, 512 // (np_ * bl)))
-        warps = 1 if np_ <= 16 else 2
+        # N=16 measured best (one warp, no cross-warp barriers): fwd BD=16, BL=8; bwd BD=8, BL=4 (its dB/dC/dΔ
+        # reductions over channels cross lanes, so fewer channels per program pay off there)
+        bd, bl = (8, 4) if backward else (16, 8)
+        bd = max(1, bd * 16 // np_)
+        warps = 1
     bd = max(1, min(bd, next_pow2(channels)))
     # few rows (small batch, long L): smaller channel blocks so that the grid still fills the GPU
     while bd > 1 and rows * -(-channels // bd) < 1024:
