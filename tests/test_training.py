@@ -189,3 +189,22 @@ def test_volume_slices_train_and_per_volume_evaluation(tmp_path):
     assert s["n_items"] == 3 and s["unit"].startswith("volume")  # one row per volume, scored in 3-D
     rows = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["case0", "case1", "case2"]
+
+
+def test_nan_skip_policy_logs_then_stops(tmp_path, capsys):
+    from vm_unet.errors import TrainingError
+
+    cfg = tiny_cfg(tmp_path, nan_policy="skip", epochs=12)
+    cfg["data"]["std"] = [0.0, 0.0, 0.0]  # every input inf -> every loss NaN
+    with pytest.raises(TrainingError, match="NaN/Inf on 11 batches"):
+        train(cfg)
+    assert "batch skipped" in capsys.readouterr().err
+
+
+def test_worker_error_message_reduced_to_one_line():
+    from vm_unet.training.cli import one_line
+
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\nvm_unet.errors.DataError: /d/masks/a.png: mask is not binary')
+    assert one_line(Exception(wrapped)) == "/d/masks/a.png: mask is not binary"
+    assert one_line(Exception("plain message")) == "plain message"

@@ -310,6 +310,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                 if not bool(finite):
                     if tc.get("nan_policy", "stop") == "skip":
                         nan_skipped += 1
+                        batch_in_epoch += 1  # the batch was consumed: keeps epoch accounting and resume right
                         opt.zero_grad(set_to_none=True)
                         if main:
                             print(f"warning: non-finite loss at step {global_step + 1} (batch {batch['name'][:3]}...),"
