@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write probabilities: float32 NIfTI for volumes, 8-bit PNG(s) for images")
     p.add_argument("--overlay", action="store_true", help="images: also write <name>_overlay.png")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction (default 0.25)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows (or slices) per forward pass (default 4)")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows (or slices) per forward pass (default 32 on GPU, 4 on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.out}: output for this checkpoint's {ck_kind} inputs must end in {want}")
     mode = pre.get("inference_mode", "window") if args.mode == "auto" else args.mode
     amp = {"auto": None, "fp32": False, "bf16": True}[args.precision]
+    if args.sw_batch_size is None:
+        args.sw_batch_size = 32 if device.type == "cuda" else 4
     predictor = Predictor(model, meta, device, mode=mode, tta=args.tta, overlap=args.overlap,
                           sw_batch_size=args.sw_batch_size, amp=amp)
     if args.axis is not None and ck_kind != "volume":
