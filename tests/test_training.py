@@ -208,3 +208,30 @@ def test_worker_error_message_reduced_to_one_line():
                '  File "x.py", line 1, in f\nvm_unet.errors.DataError: /d/masks/a.png: mask is not binary')
     assert one_line(Exception(wrapped)) == "/d/masks/a.png: mask is not binary"
     assert one_line(Exception("plain message")) == "plain message"
+
+
+def test_multiclass_synapse_train_and_metrics(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "syn" / "train_npz").mkdir(parents=True)
+    for c in range(3):
+        for s in range(4):
+            lab = np.zeros((24, 24), np.float32)
+            lab[3:10, 3:10], lab[14:20, 12:22] = 1, 3
+            np.savez(tmp_path / "syn" / "train_npz" / f"case{c:04d}_slice{s:03d}.npz",
+                     image=rng.random((24, 24), dtype=np.float32), label=lab)
+    cfg = load_config("synapse")
+    cfg["out"] = str(tmp_path / "runs")
+    cfg["model"].update({"name": "vmunet_isic", "num_classes": 4, "overrides": dict(TINY)})
+    cfg["data"].update({"root": str(tmp_path / "syn"), "image_size": 32, "class_names": ["bg", "a", "b", "c"],
+                        "split": {"val_fraction": 0.34, "seed": 0}})
+    cfg["train"].update({"epochs": 1, "batch_size": 4, "warmup_steps": 1})
+    run = train(cfg)
+    h = json.loads((run / "metrics.json").read_text())["history"][-1]
+    for k in ("val_pooled_dsc_a", "val_pooled_dsc_b", "val_pooled_dsc_c", "val_mean_dice", "val_mean_hd95"):
+        assert k in h, k
+    # class "b" never occurs: its pooled DSC is undefined (None), not a fake 0 or 1
+    assert h["val_pooled_dsc_b"] is None or h["val_pooled_dsc_b"] == 0.0
+    _, meta = load_checkpoint(run / "best.pt")
+    assert meta["task"] == "multiclass" and meta["class_names"] == ["bg", "a", "b", "c"]
