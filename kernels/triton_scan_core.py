@@ -9,7 +9,8 @@ One forward and one backward kernel serve both ops; constexpr flags pick the var
   route works with no route-specific code.
 
 A program owns (batch b, "slot" k, a block of BD channels) and walks L in chunks of BL positions. The recurrence
-``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a [BD, NP, BL] fp32 tile;
+``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a [BL, NP, BD] fp32 tile
+(scanned axis first, so Triton keeps each thread's positions in registers and the scan needs no lane shuffles);
 the state is carried between chunks in registers. Slot k is the group (plain scan) or the direction (SS2D); the
 parameter channel is ``k * DK + d`` in both cases.
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .selective_scan_torch import _prepare
-from . import triton_scan_core as core  # kernels looked up at call time: tests may reload it for the interpreter
+from . import triton_scan_core as core
 
 
 def _strides4(t: torch.Tensor, groups: int):

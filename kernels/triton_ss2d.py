@@ -4,7 +4,10 @@
 block of channels) one program reads x (b, D, H, W) through the route's gather map ``idx[k]`` (no direction
 copies), builds Δ = dt_weight[k] @ dt_low on the fly, scans, and adds its y into one merged fp32 (b, D, H*W)
 buffer with atomics through the same map (gathering by idx and scattering by idx are inverse maps, so any
-permutation route works unchanged). Backward saves only the inputs and recomputes (see ``triton_scan_core``).
+permutation route works unchanged). Directions that run along columns read one shared transposed copy of x and
+accumulate into a second (transposed) buffer, so their loads and atomics are coalesced; ``_route_plan`` picks
+that per direction from the index map itself. Backward saves only the inputs and recomputes (see
+``triton_scan_core``).
 
 Registered as ``vm_unet::ss2d_fwd`` / ``vm_unet::ss2d_bwd`` custom ops (fake impls for torch.compile); inputs of
 any float dtype, fp32 compute, output in x's dtype.
@@ -15,7 +18,7 @@ import functools
 
 import torch
 
-from . import triton_scan_core as core  # kernels looked up at call time: tests may reload it for the interpreter
+from . import triton_scan_core as core
 from .routes import route_indices
 
 
@@ -73,9 +76,8 @@ def _prep(x, dt_low, B, C, dt_weight, lay):
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     L = h * w
-    return (_two_layouts(x, h, w, lay), _swap(dt_low.reshape(b, k, r, L), lay, h, w).contiguous(),
-            _swap(B.reshape(b, k, -1, L), lay, h, w).contiguous(), _swap(C.reshape(b, k, -1, L), lay, h, w).contiguous(),
-            dt_weight.contiguous(), b, d, h, w, k, r, L)
+    per_dir = [_swap(t.reshape(b, k, -1, L), lay, h, w).contiguous() for t in (dt_low, B, C)]
+    return (_two_layouts(x, h, w, lay), *per_dir, dt_weight.contiguous(), b, d, h, w, k, r, L)
 
 
 def _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, out, states, b, d, k, r, n, L, backward):
