@@ -117,3 +117,13 @@ def evaluate_main(argv=None):
     print(json.dumps({k: s.get(k) for k in keys}, indent=1))
     print(f"wrote {s['out']}/per_case.csv, summary.json, overlays/")
     return s
+
+
+def train_entry():
+    """Console-script entry point (``vm-unet-train``)."""
+    sys.exit(run_cli(train_main))
+
+
+def evaluate_entry():
+    """Console-script entry point (``vm-unet-evaluate``)."""
+    sys.exit(run_cli(evaluate_main))
