@@ -24,7 +24,7 @@ from vm_unet.datasets.intensity import normalize_intensity
 from vm_unet.inference import Predictor, segment_image, segment_volume
 from vm_unet.inference.cli import main
 from vm_unet.inference.image2d import band_rows_for, normalizer_for
-from vm_unet.inference.io import InputError, atomic_output
+from vm_unet.inference.io import atomic_output
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -78,11 +78,11 @@ def ckpts(tmp_path_factory):
     )
 
 
-def _predictor(ckpt, **kw):
+def _predictor(ckpt, device="cpu", **kw):
     from vm_unet.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(ckpt)
-    return Predictor(model, meta, torch.device("cpu"), **kw)
+    return Predictor(model, meta, torch.device(device), **kw)
 
 
 def _nifti(path: Path, data: np.ndarray, affine=None, qform_code=None, sform_code=None) -> Path:
@@ -473,3 +473,31 @@ def test_script_subprocess_clean_error(ckpts, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")][0].count("junk.nii.gz") == 1
     assert not (tmp_path / "o" / "junk.nii.gz").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+def test_gpu_memory_does_not_grow_with_image_size(ckpts, tmp_path):
+    """Windows on the GPU, stitching on the CPU: peak GPU memory at 4096² equals that at 1024²."""
+    peaks = {}
+    for side in (1024, 4096):
+        src = tmp_path / f"p{side}.png"
+        Image.fromarray(_rgb_picture(side, side, seed=side)).save(src, compress_level=1)
+        pred = _predictor(ckpts.rgb128, device="cuda", sw_batch_size=16)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        res = segment_image(src, pred, progress=False)
+        torch.cuda.synchronize()
+        peaks[side] = torch.cuda.max_memory_allocated()
+        assert res.labels.shape == (side, side)
+    assert peaks[4096] <= peaks[1024] * 1.05 + 2 ** 20, peaks
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(ckpts, tmp_path):
+    src = _nifti(tmp_path / "v.nii.gz", _blob_volume((40, 36, 4)))
+    cpu = segment_volume(src, _predictor(ckpts.vol), probabilities=True, progress=False)
+    gpu_pred = _predictor(ckpts.vol, device="cuda", amp=False)
+    gpu = segment_volume(src, gpu_pred, probabilities=True, progress=False)
+    np.testing.assert_allclose(gpu.probs, cpu.probs, atol=1e-3)

@@ -11,7 +11,6 @@ band joins show no seams.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
