@@ -171,9 +171,18 @@ def quadtree_shift(h: int, w: int, index: int) -> tuple[int, int]:
 
 
 def _trace_safe_cache(fn):
-    """lru_cache that is bypassed while torch.compile/export trace: a map built during tracing is a FakeTensor and
-    must never be served to a later eager call (maps cached by eager runs are fine to reuse while tracing)."""
-    cached = functools.lru_cache(maxsize=256)(fn)
+    """lru_cache for index maps that is safe whatever context first builds a map.
+
+    - Bypassed while torch.compile/export trace: a map built then is a FakeTensor and must never be served to a
+      later eager call (maps cached by eager runs are fine to reuse while tracing).
+    - Maps are built outside inference mode: an inference tensor cached during ``torch.inference_mode()`` could
+      not later be saved for backward by a training step.
+    """
+    def build(*args):
+        with torch.inference_mode(False):
+            return fn(*args)
+
+    cached = functools.lru_cache(maxsize=256)(build)
 
     @functools.wraps(fn)
     def wrapper(*args):

@@ -21,8 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Elements of one (batch, D, N, T) chunk tensor; a handful of them are alive at once.
-_CHUNK_ELEMENTS = 1 << 23
+# Elements of one (batch, D, N, T) chunk tensor; a handful of them are alive at once. 2M (8 MB in fp32) measured
+# fastest on 2 CPU cores at the stage-1 shape (fwd 1.3 s -> 1.0 s, bwd 5.4 s -> 2.9 s vs 8M): small enough that a
+# chunk's tensors stay in cache between the elementwise passes, large enough to amortise per-op overhead.
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -113,3 +113,14 @@ def test_eval_is_deterministic_and_batch_independent():
         single = model(x[1:2])
     # chunk boundaries depend on batch size, so only fp32 rounding may differ
     torch.testing.assert_close(full[1:2], single, rtol=1e-3, atol=1e-3)
+
+
+def test_training_step_after_inference_mode():
+    """Index maps first built under inference_mode must not poison later training steps (autograd saves them)."""
+    torch.manual_seed(0)
+    model = vm_unet.create_model("vmunet_isic", **TINY)
+    x = torch.randn(1, 3, 48, 80)  # a size no other test uses, so its route maps are first built below
+    with torch.inference_mode():
+        model(x)
+    model(x).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
