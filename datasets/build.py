@@ -126,7 +126,8 @@ def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=Non
         std = data.get("std", IMAGENET_STD if in_chans == 3 else (0.25,))
         if len(mean) != in_chans or len(std) != in_chans:
             raise ConfigError(f"data.mean/std need {in_chans} values for in_chans={in_chans}")
-        preprocessing = {"input": "image2d", "image_size": size, "in_chans": in_chans,
+        # inference_mode: the trainer resizes whole images to image_size, so inference must do the same by default
+        preprocessing = {"input": "image2d", "image_size": size, "in_chans": in_chans, "inference_mode": "resize",
                          "normalize": {"mean": list(mean), "std": list(std), "max_pixel_value": 255.0},
                          "threshold": float(data.get("threshold", 0.5))}
         plain = PictureTransform(size, mean, std)
@@ -170,6 +171,7 @@ def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=Non
         intensity = data.get("intensity") or ({"mode": "none"} if kind == "synapse" else {"mode": "zscore"})
         axis = int(data.get("axis", 0 if kind == "synapse" else 2))
         preprocessing = {"input": "volume_slices", "image_size": size, "in_chans": in_chans, "axis": axis,
+                         "inference_mode": "resize",
                          "intensity": dict(intensity), "reorient": "RAS" if kind == "nifti" else None,
                          "channels": data.get("channels"), "threshold": float(data.get("threshold", 0.5))}
         lab_kw = dict(label_map=data.get("label_map"), binarize=bool(data.get("binarize", False)))

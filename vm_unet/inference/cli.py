@@ -250,3 +250,8 @@ def main(argv=None) -> int:
             raise
         _err(f"{type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)")
         return 1
+
+
+def entry() -> None:
+    """Console-script entry point (``vm-unet-infer``)."""
+    sys.exit(main())
