@@ -191,13 +191,15 @@ def _scan_bwd_kernel(
     du_ptr, s_dub, s_duk, s_dud, s_dul,      # du (store) or merged dx (atomic)
     ddt_ptr, s_ddb, s_ddk, s_ddd, s_ddl,     # dΔ (store) or d dt_low (atomic, d-stride = r-stride)
     dz_ptr,                                  # same strides as z
-    dB_ptr, s_dBb, s_dBk, s_dBn, s_dBl,      # fp32, atomic
+    dB_ptr, s_dBb, s_dBk, s_dBn, s_dBl,      # fp32: atomic, or (BC_PARTIAL) one slice per channel block
     dC_ptr, s_dCb, s_dCk, s_dCn, s_dCl,
+    s_blk,                                   # stride between the channel blocks' dB/dC slices (BC_PARTIAL)
     dA_ptr, dD_ptr, dbias_ptr, dW_ptr,       # per-batch partials: (b, K*DK, N), (b, K*DK), (b, K*DK), (b, K*DK, R)
     K, DK, L, N, R, NCHUNK,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr,
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr,
+    DDT_STORE: tl.constexpr, BC_PARTIAL: tl.constexpr, SHIFT_A: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     k = tl.program_id(1)
@@ -222,6 +224,10 @@ def _scan_bwd_kernel(
     ddt_base = ddt_ptr + b * s_ddb + k * s_ddk
     dB_base = dB_ptr + b * s_dBb + k * s_dBk
     dC_base = dC_ptr + b * s_dCb + k * s_dCk
+    if BC_PARTIAL:
+        # each channel block writes its own slice (plain stores, summed on the host): no atomics, deterministic
+        dB_base += pid_d * s_blk
+        dC_base += pid_d * s_blk
     idx_base = idx_ptr + k * s_ik
 
     # tiles [BL, NP, BD] as in the forward kernel: scans stay inside threads, lanes run over channels/states
@@ -238,10 +244,11 @@ def _scan_bwd_kernel(
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
     dh_next = tl.zeros([NP, BD], dtype=tl.float32)   # dh at the first position of the chunk after this one
+    a_next = tl.full([NP, BD], 1.0, dtype=tl.float32)  # a at that position (any finite value past the end)
     dA_acc = tl.zeros([NP, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
-    if LOWRANK:
+    if LOWRANK and not DDT_STORE:
         rr = tl.arange(0, RP)
         dW_acc = tl.zeros([RP, BD], dtype=tl.float32)
     for ci in range(NCHUNK):
@@ -274,13 +281,22 @@ def _scan_bwd_kernel(
             tl.store(dz_base + zoff, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             g = g * zt * sig
 
-        # a_{l+1}: Δ at the next position (next chunk's first one for the last row; a = 1 past the end)
-        l1 = l + 1
-        l1mask = l1 < L
-        pos1 = _positions(idx_base, l1, l1mask, GATHER)
-        m21 = l1mask[:, None] & dmask[None, :]
-        pre1 = _delta_pre_t(dt_base, w_base, d, dmask, pos1, l1mask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
-        a1 = tl.exp(_delta(pre1, m21, SOFTPLUS)[:, None, :] * A[None, :, :])
+        # a_{l+1}: a shifted by one row. SHIFT_A: rows taken from this chunk's a (in-thread selects, the scanned
+        # axis lives in each thread's registers) and the next chunk's first row; else Δ recomputed at l+1.
+        if SHIFT_A:
+            a1 = tl.where((j == BL - 1)[:, None, None], a_next[None, :, :], 0.0)
+            for i in tl.static_range(BL - 1):
+                row = tl.sum(tl.where((j == i + 1)[:, None, None], a, 0.0), axis=0)
+                a1 = tl.where((j == i)[:, None, None], row[None, :, :], a1)
+            a_next = tl.sum(tl.where((j == 0)[:, None, None], a, 0.0), axis=0)
+        else:
+            l1 = l + 1
+            l1mask = l1 < L
+            pos1 = _positions(idx_base, l1, l1mask, GATHER)
+            m21 = l1mask[:, None] & dmask[None, :]
+            pre1 = _delta_pre_t(dt_base, w_base, d, dmask, pos1, l1mask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD,
+                                BL)
+            a1 = tl.exp(_delta(pre1, m21, SOFTPLUS)[:, None, :] * A[None, :, :])
         cg = Ct[:, :, None] * g[:, None, :]
         Q, S = tl.associative_scan((a1, cg), 0, _combine, reverse=True)
         dh = Q * dh_next[None, :, :] + S
@@ -288,9 +304,15 @@ def _scan_bwd_kernel(
 
         # dC = sum_d g h, dB = sum_d Δ u dh: reduced over this program's channels, then atomics
         dCp = tl.sum(hs * g[:, None, :], axis=2)
-        tl.atomic_add(dC_base + pos[:, None] * s_dCl + n[None, :] * s_dCn, dCp, mask=nl, sem="relaxed")
         dBp = tl.sum(dh * dlu[:, None, :], axis=2)
-        tl.atomic_add(dB_base + pos[:, None] * s_dBl + n[None, :] * s_dBn, dBp, mask=nl, sem="relaxed")
+        dC_ptrs = dC_base + pos[:, None] * s_dCl + n[None, :] * s_dCn
+        dB_ptrs = dB_base + pos[:, None] * s_dBl + n[None, :] * s_dBn
+        if BC_PARTIAL:
+            tl.store(dC_ptrs, dCp, mask=nl)
+            tl.store(dB_ptrs, dBp, mask=nl)
+        else:
+            tl.atomic_add(dC_ptrs, dCp, mask=nl, sem="relaxed")
+            tl.atomic_add(dB_ptrs, dBp, mask=nl, sem="relaxed")
 
         dhB = tl.sum(dh * Bt[:, :, None], axis=1)
         du = dl * dhB + Dv[None, :] * g
@@ -308,7 +330,7 @@ def _scan_bwd_kernel(
         ddl = tl.where(m2, ddl, 0.0)
         dbias_acc += tl.sum(ddl, axis=0)
         dD_acc += tl.sum(g * u, axis=0)
-        if LOWRANK:
+        if LOWRANK and not DDT_STORE:
             for r in range(R):
                 w = tl.load(w_base + d * s_wd + r, mask=dmask, other=0.0).to(tl.float32)
                 lo = tl.load(dt_base + r * s_td + pos * s_tl, mask=lmask, other=0.0).to(tl.float32)
@@ -324,7 +346,7 @@ def _scan_bwd_kernel(
     tl.store(dA_ptr + prow[None, :] * N + n[:, None], dA_acc, mask=An)
     tl.store(dD_ptr + prow, dD_acc, mask=dmask)
     tl.store(dbias_ptr + prow, dbias_acc, mask=dmask)
-    if LOWRANK:
+    if LOWRANK and not DDT_STORE:
         tl.store(dW_ptr + prow[None, :] * R + rr[:, None], dW_acc, mask=(rr < R)[:, None] & dmask[None, :])
 
 
@@ -334,6 +356,18 @@ def next_pow2(x: int) -> int:
 
 # Benchmarks may set this to {"fwd": (BD, BL, warps), "bwd": (BD, BL, warps)} to sweep tiles.
 TILE_OVERRIDE: dict | None = None
+
+# Backward variants (benchmarks sweep them):
+#   ddt_store: the fused SS2D backward stores dΔ (b, K, D, L) and does d dt_low / d dt_weight as matmuls on the
+#              host, instead of R atomics per position and channel block inside the kernel.
+#   bc_partial_blocks: dB/dC as per-channel-block slices summed on the host (no atomics) when the grid has at
+#              most this many channel blocks and the slices fit in bc_partial_bytes; atomics otherwise.
+#   shift_a:   a_{l+1} from registers instead of recomputing Δ and exp at l+1.
+BWD_OPTS = {"ddt_store": True, "bc_partial_blocks": 8, "bc_partial_bytes": 1 << 30, "shift_a": True}
+
+
+def bc_partial(nblk: int, slice_bytes: int) -> bool:
+    return nblk <= BWD_OPTS["bc_partial_blocks"] and 2 * nblk * slice_bytes <= BWD_OPTS["bc_partial_bytes"]
 
 
 def tile_config(n_state: int, length: int, channels: int, backward: bool, rows: int = 1 << 20

@@ -94,8 +94,11 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
-    dB = torch.zeros(B4.shape, device=u.device, dtype=torch.float32)
-    dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
+    nblk = triton_cdiv(dk, bd)
+    partial = core.bc_partial(nblk, B4.numel() * 4)
+    alloc = torch.empty if partial else torch.zeros
+    dB = alloc(((nblk,) if partial else (1,)) + tuple(B4.shape), device=u.device, dtype=torch.float32)
+    dC = alloc(dB.shape, device=u.device, dtype=torch.float32)
     dA = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
     dD = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
     dbias = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
@@ -103,7 +106,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     dzz = dz if dz is not None else du
     if dz is not None and dz.stride() != zz.stride():
         zz = zz.contiguous()
-    grid = (triton_cdiv(dk, bd), groups, batch)
+    grid = (nblk, groups, batch)
     core._scan_bwd_kernel[grid](
         u, *_strides4(u, groups),
         delta, *_strides4(delta, groups),
@@ -117,14 +120,15 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
         du, *_strides4(du, groups),
         ddelta, *_strides4(ddelta, groups),
         dzz,
-        dB, *dB.stride(), dC, *dC.stride(),
+        dB, *dB.stride()[1:], dC, *dC.stride()[1:], dB.stride(0),
         dA, dD, dbias, dA,
         groups, dk, length, n_state, 0, nchunk,
         BD=bd, NP=np_, BL=bl, RP=1, GATHER=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_DU=False, num_warps=warps,
+        SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_DU=False, DDT_STORE=False,
+        BC_PARTIAL=partial, SHIFT_A=core.BWD_OPTS["shift_a"], num_warps=warps,
     )
     # each absent gradient gets its own empty tensor: custom-op outputs may not alias each other
-    return [du, ddelta, dA.sum(0).to(A.dtype), dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),
+    return [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else u.new_empty(0), dz if dz is not None else u.new_empty(0),
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)]
 

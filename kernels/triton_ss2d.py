@@ -133,15 +133,22 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, None, states, b, d, k, r, n, L, backward=True)
     g = _two_layouts(grad, h, w, lay)
     f32 = dict(device=x.device, dtype=torch.float32)
+    nblk = _cdiv(d, bd)
+    ddt_store = core.BWD_OPTS["ddt_store"]
+    partial = core.bc_partial(nblk, b * k * n * L * 4)
     dx = torch.zeros(xx.shape, **f32)
-    dlow = torch.zeros(b, k, r, L, **f32)
-    dB = torch.zeros(b, k, n, L, **f32)
-    dC = torch.zeros(b, k, n, L, **f32)
+    if ddt_store:
+        ddt = torch.empty(b, k, d, L, **f32)       # dΔ in each direction's read layout (same as lows)
+    else:
+        ddt = torch.zeros(b, k, r, L, **f32)       # d dt_low, atomics; the d-stride below is the r-stride
+    dB = (torch.empty if partial else torch.zeros)((nblk if partial else 1) * b * k * n * L, **f32)
+    dC = (torch.empty if partial else torch.zeros)(dB.shape, **f32)
+    s4 = (k * n * L, n * L, L, 1)
     dA = torch.empty(b, k * d, n, **f32)
     dD = torch.empty(b, k * d, **f32)
     dbias = torch.empty(b, k * d, **f32)
     dW = torch.empty(b, k * d, r, **f32)
-    grid = (_cdiv(d, bd), k, b)
+    grid = (nblk, k, b)
     core._scan_bwd_kernel[grid](
         xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
         lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
@@ -153,19 +160,30 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
         g, g.stride(1), g.stride(0), g.stride(2), g.stride(3),
         states,
         dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3),
-        dlow, dlow.stride(0), dlow.stride(1), dlow.stride(2), dlow.stride(3),
+        ddt, *ddt.stride(),
         dx,
-        dB, *dB.stride(), dC, *dC.stride(),
+        dB, *s4, dC, *s4, b * k * n * L,
         dA, dD, dbias, dW,
         k, d, L, n, r, nchunk,
         BD=bd, NP=np_, BL=bl, RP=core.next_pow2(r), GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True,
-        SOFTPLUS=True, HAS_D=True, HAS_Z=False, ATOMIC_DU=True, num_warps=warps,
+        SOFTPLUS=True, HAS_D=True, HAS_Z=False, ATOMIC_DU=True, DDT_STORE=ddt_store, BC_PARTIAL=partial,
+        SHIFT_A=core.BWD_OPTS["shift_a"], num_warps=warps,
     )
+    dB = dB.view(-1, b, k, n, L).sum(0)
+    dC = dC.view(-1, b, k, n, L).sum(0)
+    if ddt_store:
+        # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
+        dlow = torch.matmul(W.float().transpose(1, 2), ddt)                                # (b, k, r, L)
+        dWt = torch.matmul(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L).transpose(1, 2))
+        dWsum = dWt.view(b, k, d, r).sum(0)
+    else:
+        dlow = ddt
+        dWsum = dW.sum(0).view(k, d, r)
     # back from each direction's read layout to image layout
     dlow, dB, dC = (_swap(t, lay, w, h) for t in (dlow, dB, dC))
     return [_merge_slots(dx, h, w).to(x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
             dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
-            dW.sum(0).view(dt_weight.shape).to(dt_weight.dtype), dbias.sum(0).view(dt_bias.shape).to(dt_bias.dtype),
+            dWsum.view(dt_weight.shape).to(dt_weight.dtype), dbias.sum(0).view(dt_bias.shape).to(dt_bias.dtype),
             dA.sum(0).to(A.dtype), dD.sum(0).to(Ds.dtype)]
 
 

@@ -153,6 +153,25 @@ def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, monkeypatch):
                  monkeypatch=monkeypatch)
 
 
+# every backward variant (dΔ stored + host matmuls or in-kernel rank atomics; dB/dC per-block slices or atomics;
+# a_{l+1} shifted in registers or recomputed), with several channel blocks and chunks (BD=2, BL=4)
+BWD_VARIANTS = [
+    dict(ddt_store=True, bc_partial_blocks=8, shift_a=True),
+    dict(ddt_store=False, bc_partial_blocks=0, shift_a=False),
+    dict(ddt_store=True, bc_partial_blocks=0, shift_a=True),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("opts", BWD_VARIANTS)
+def test_backward_variants(opts, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1)})
+    monkeypatch.setattr(core, "BWD_OPTS", dict(core.BWD_OPTS, **opts))
+    compare_ss2d(ss2d_inputs(1, 3, 3, 4, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    compare_scan(scan_inputs(1, 6, 9, 4, 2, torch.float32), softplus=True, tol=1e-5)
+
+
 @routes.register_route("test_random_pair")
 def _random_pair(h, w):
     # any permutation route works through the index map: two arbitrary orders, no kernel change
