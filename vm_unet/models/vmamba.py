@@ -184,7 +184,11 @@ class SS2D(nn.Module):
         if self.router is not None:
             plan = self.router(x)
             route, x = plan.indices, plan.straight_through_in(x)
-        proj = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)
+        b, d, h, w = x.shape
+        k, c = self.x_proj_weight.shape[:2]
+        # x_proj as one GEMM, (K·c, D) @ (b, D, H·W), on x in its contiguous (b, D, H, W) layout: no permute copies
+        # (einsum chose a permuted operand); same math as einsum("bdhw,kcd->bkchw")
+        proj = torch.matmul(self.x_proj_weight.reshape(k * c, d), x.reshape(b, d, h * w)).view(b, k, c, h, w)
         dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
         A = -torch.exp(self.A_logs.float())
         y = ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, route)
@@ -193,7 +197,8 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)
         x, z = xz.chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
+        # one copy to contiguous (b, D, H, W): the conv output, x_proj GEMM and scan kernel then all read it as is
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         y = self.forward_core(x).permute(0, 2, 3, 1)
         y = self.out_norm(y) * F.silu(z)
         return self.dropout(self.out_proj(y))
