@@ -166,11 +166,54 @@ def sweep(copy_gbs):
     return rows
 
 
+# backward variants (core.BWD_OPTS) x backward tiles; "old" is the kernel before the dΔ-store / partials / shift
+BWD_VARIANTS = {
+    "old": dict(ddt_store=False, bc_partial_blocks=0, shift_a=False),
+    "ddt": dict(ddt_store=True, bc_partial_blocks=0, shift_a=False),
+    "ddt+shift": dict(ddt_store=True, bc_partial_blocks=0, shift_a=True),
+    "ddt+partial": dict(ddt_store=True, bc_partial_blocks=256, bc_partial_bytes=1 << 33, shift_a=False),
+    "ddt+partial+shift": dict(ddt_store=True, bc_partial_blocks=256, bc_partial_bytes=1 << 33, shift_a=True),
+}
+
+
+def variants(shape_names, tiles):
+    """Fused SS2D fwd+bwd (N=16) per backward variant and backward tile (BD, BL, warps); fwd tiles default."""
+    rows = []
+    saved = dict(core.BWD_OPTS)
+    for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
+        for dtype in (torch.float32, torch.bfloat16):
+            gargs = make_inputs(b, d, hw, r, 16, dtype, requires_grad=True)
+            first = name == shape_names[0] and dtype == torch.float32
+            for vname, opts in BWD_VARIANTS.items():
+                if not first and vname not in ("old", "ddt+shift", "ddt+partial+shift"):
+                    continue
+                sweep_tiles = first and vname in ("ddt+shift", "ddt+partial+shift")
+                for tile in [None] + (tiles if sweep_tiles else []):
+                    core.BWD_OPTS = dict(saved, **opts)
+                    core.TILE_OVERRIDE = {"bwd": tile} if tile else None
+                    try:
+                        ms = time_fwd_bwd(ss2d_core_triton, gargs)
+                    except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
+                        ms = float("nan")
+                        print("  failed", vname, tile, type(e).__name__, str(e)[:200])
+                    rows.append({"shape": name, "dtype": str(dtype).split(".")[-1], "variant": vname,
+                                 "bwd_tile": tile, "fwdbwd_ms": ms})
+                    print(f"variant {name} {rows[-1]['dtype']:8s} {vname:18s} bwd tile {tile}: fwd+bwd {ms:.3f} ms",
+                          flush=True)
+            del gargs
+            torch.cuda.empty_cache()
+    core.BWD_OPTS, core.TILE_OVERRIDE = saved, None
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="time tile configs at stage-1 256² first")
     p.add_argument("--check", action="store_true", help="check fused SS2D vs float64 reference at real shapes")
     p.add_argument("--shapes", default="all", help="comma list of shape names or 'all'")
+    p.add_argument("--variants", default=None, help="comma list of shapes: time the backward variants there")
+    p.add_argument("--tiles", default="16,4,1;32,4,1;16,8,1", help="backward tiles for --variants")
+    p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -190,7 +233,15 @@ def main():
                 print("check", c, flush=True)
     if a.sweep:
         result["sweep"] = sweep(copy_gbs)
+    if a.variants:
+        tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles.split(";") if t]
+        result["variants"] = variants(a.variants.split(","), tiles)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
     rows = []
+    if a.no_table:
+        return
     shapes = SHAPES if a.shapes == "all" else [s for s in SHAPES if s[0] in a.shapes.split(",")]
     for name, b, d, hw, r in shapes:
         for n in (16, 1):

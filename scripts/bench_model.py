@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
     p.add_argument("--out", type=Path, default=None, help="write results JSON (and a PNG plot) here")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="profile one train step per (model, size) with torch.profiler; top-ops tables go here")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -57,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(r)
             print(format_table([r]).splitlines()[-1], flush=True)
+    if args.profile:
+        from vm_unet.benchmark import profile_train_step  # noqa: PLC0415
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        with args.profile.open("w") as f:
+            for size, batch in zip(args.sizes, batches):
+                for model in args.models:
+                    table = profile_train_step(model, size, batch, device, compile=args.compile)
+                    f.write(f"## {model} {size}² b{batch}\n{table}\n\n")
+                    print(f"## {model} {size}² b{batch}\n{table}", flush=True)
     print()
     print(format_table(results))
     if args.out:

@@ -123,6 +123,41 @@ def measure(name: str, size: int, batch: int, device: torch.device, *, train: bo
     return result
 
 
+def profile_train_step(name: str, size: int, batch: int, device: torch.device, *, rows: int = 30,
+                       compile: bool = False) -> str:
+    """torch.profiler over two train steps (after two warm-up steps): ops by self device time, as a table."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    torch.manual_seed(0)
+    model = build_model(name).to(device).train()
+    if compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            logits = model(x)
+        F.binary_cross_entropy_with_logits(logits.float(), target).backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    del model, opt
+    _reset_peak(device)
+    return table
+
+
 def format_table(results: list[Result]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
