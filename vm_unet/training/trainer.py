@@ -296,7 +296,9 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                                 num_workers=nw, pin_memory=device == "cuda", drop_last=False,
                                 generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
             net.train()
-            run_loss, run_n = torch.zeros((), dtype=torch.float64), 0
+            t_epoch = time.perf_counter()
+            # on the device: a .cpu() per step would synchronise the GPU every step
+            run_loss, run_n = torch.zeros((), dtype=torch.float64, device=dev), 0
             bar = _bar(loader, main, f"epoch {epoch + 1}/{epochs}", initial=batch_in_epoch, total=steps_per_epoch)
             for batch in bar:
                 x = batch["image"].to(dev, non_blocking=True)
@@ -334,14 +336,15 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                     ema.update(model)
                 global_step += 1
                 batch_in_epoch += 1
-                run_loss += loss.detach().double().cpu() * x.shape[0]
+                run_loss += loss.detach().double() * x.shape[0]
                 run_n += x.shape[0]
                 if main and hasattr(bar, "set_postfix") and (global_step % log_every == 0 or batch_in_epoch == 1):
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 if global_step >= total_steps:
                     break
             epoch_complete = batch_in_epoch >= steps_per_epoch
-            stats = D.all_reduce_sum(torch.stack([run_loss, torch.tensor(float(run_n), dtype=torch.float64)]))
+            stats = D.all_reduce_sum(torch.stack([run_loss.cpu(), torch.tensor(float(run_n), dtype=torch.float64)]))
+            t_val = time.perf_counter()
             train_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
 
             # ---- validation (EMA weights when EMA is on: those are the weights we save for inference)
@@ -359,6 +362,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
             if improved:
                 best, best_epoch = row["val_mean_dice"], epoch + 1
             done_epoch, done_batch = (epoch + 1, 0) if epoch_complete else (epoch, batch_in_epoch)
+            t_save = time.perf_counter()
             save("best" if improved else "last", done_epoch, done_batch, finite_or_none(row))
             if main:
                 _write_history(run_dir, history, best, best_epoch)
@@ -367,7 +371,9 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
                       f"val Dice {row['val_mean_dice']:.4f} (pooled DSC {row['val_pooled_dsc']:.4f}, "
                       f"mIoU {row['val_pooled_miou']:.4f}, HD95 {row['val_mean_hd95']:.2f})"
-                      + ("  *best*" if improved else ""), flush=True)
+                      + ("  *best*" if improved else "")
+                      + f"  [train {t_val - t_epoch:.1f}s, val {t_save - t_val:.1f}s, "
+                        f"save+log {time.perf_counter() - t_save:.1f}s]", flush=True)
             if "on_epoch_end" in callbacks:
                 callbacks["on_epoch_end"]({"epoch": epoch + 1, "step": global_step, "run_dir": run_dir, "row": row})
             D.barrier()
