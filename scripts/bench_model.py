@@ -98,7 +98,9 @@ def _plot(results, path: Path) -> None:
         ax.set_xlabel("image side (px)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
