@@ -363,7 +363,7 @@ TILE_OVERRIDE: dict | None = None
 #   bc_partial_blocks: dB/dC as per-channel-block slices summed on the host (no atomics) when the grid has at
 #              most this many channel blocks and the slices fit in bc_partial_bytes; atomics otherwise.
 #   shift_a:   a_{l+1} from registers instead of recomputing Δ and exp at l+1.
-BWD_OPTS = {"ddt_store": True, "bc_partial_blocks": 8, "bc_partial_bytes": 1 << 30, "shift_a": True}
+BWD_OPTS = {"ddt_store": True, "bc_partial_blocks": 0, "bc_partial_bytes": 1 << 30, "shift_a": True}
 
 
 def bc_partial(nblk: int, slice_bytes: int) -> bool:
