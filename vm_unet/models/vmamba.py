@@ -262,16 +262,15 @@ class PatchExpand2D(nn.Module):
         return self.norm(x)
 
 
-class VSSStage(nn.Module):
-    """Encoder stage: VSS blocks, then (except the last stage) PatchMerging2D.
+class EncoderStage(nn.Module):
+    """Encoder stage of either family: blocks, then (except the last stage) a downsample.
 
     Returns (features after the blocks, input of the next stage)."""
 
-    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], d_state: int, route: str,
-                 downsample: bool):
+    def __init__(self, blocks: Sequence[nn.Module], downsample: nn.Module | None):
         super().__init__()
-        self.blocks = nn.ModuleList([VSSBlock(dim, drop_path[i], d_state, route) for i in range(depth)])
-        self.downsample = PatchMerging2D(dim) if downsample else None
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for blk in self.blocks:
@@ -279,11 +278,49 @@ class VSSStage(nn.Module):
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
-class VSSEncoder(nn.Module):
-    """VMamba v0 encoder: patch embed (H/4), stages of VSS blocks with patch merging between them.
+class StagedEncoder(nn.Module):
+    """Stem + ``EncoderStage``s; the contract both families' encoders share (VM-UNet, smp and MONAI use it).
 
     ``forward_stages`` returns, per stage, the input it received and the features its blocks produced; VM-UNet
-    uses the inputs as skips, backbones (smp/MONAI) use the features.
+    uses the inputs as skips, backbones use the features. ``channels_last`` says the layout of those tensors.
+    """
+
+    channels_last = False
+
+    def _build_stages(self, dims: Sequence[int], depths: Sequence[int], drop_path: Sequence[float] | None,
+                      make_block, make_downsample) -> None:
+        if len(dims) != len(depths):
+            raise ValueError(f"dims {list(dims)} and depths {list(depths)} must have the same length")
+        drop_path = list(drop_path) if drop_path is not None else [0.0] * sum(depths)
+        self.dims = list(dims)
+        self.layers = nn.ModuleList()
+        start = 0
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            blocks = [make_block(dim, drop_path[start + j]) for j in range(depth)]
+            self.layers.append(EncoderStage(blocks, make_downsample(dim) if i < len(dims) - 1 else None))
+            start += depth
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """x (B, C, H, W) -> (stage inputs, stage features, last output) in the family's layout."""
+        x = self.embed(x)
+        inputs, feats = [], []
+        for layer in self.layers:
+            inputs.append(x)
+            feat, x = layer(x)
+            feats.append(feat)
+        return inputs, feats, x
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale features (B, c_i, H/2^(i+2), W/2^(i+2)) in channel-first layout, for backbones."""
+        feats = self.forward_stages(x)[1]
+        return [f.permute(0, 3, 1, 2).contiguous() for f in feats] if self.channels_last else feats
+
+
+class VSSEncoder(StagedEncoder):
+    """VMamba v0 encoder, (B, H, W, C) layout: patch embed (H/4), stages of VSS blocks with patch merging between.
 
     Routes flagged ``position_embedding`` (``bidirectional``, as in Vim) add a learnable position embedding to the
     patch-embedded tokens: a (dims[0], pos_embed_grid, pos_embed_grid) map (64 = 256² input / 4), bicubically
@@ -294,22 +331,13 @@ class VSSEncoder(nn.Module):
                  depths: Sequence[int] = (2, 2, 9, 2), d_state: int = 16, drop_path: Sequence[float] | None = None,
                  route: str = "cross", pos_embed_grid: int = 64):
         super().__init__()
-        if len(dims) != len(depths):
-            raise ValueError(f"dims {list(dims)} and depths {list(depths)} must have the same length")
-        drop_path = list(drop_path) if drop_path is not None else [0.0] * sum(depths)
-        self.dims = list(dims)
         self.patch_embed = PatchEmbed2D(in_chans, dims[0])
         self.pos_embed = None
         if route_info(route).position_embedding:
             self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, dims[0], pos_embed_grid,
                                                                             pos_embed_grid), std=0.02))
             self.pos_embed._no_weight_decay = True
-        self.layers = nn.ModuleList()
-        start = 0
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
-            self.layers.append(VSSStage(dim, depth, drop_path[start:start + depth], d_state, route,
-                                        downsample=i < len(dims) - 1))
-            start += depth
+        self._build_stages(dims, depths, drop_path, lambda dim, dp: VSSBlock(dim, dp, d_state, route), PatchMerging2D)
         number_quadtree_routers(self)
 
     def add_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,21 +347,9 @@ class VSSEncoder(nn.Module):
             pe = F.interpolate(pe, size=x.shape[1:3], mode="bicubic", align_corners=False)
         return x + pe.permute(0, 2, 3, 1).to(x.dtype)
 
-    def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """x (B, C, H, W) -> (stage inputs, stage features, last output), all (B, h, w, c)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = self.add_pos_embed(x)
-        inputs, feats = [], []
-        for layer in self.layers:
-            inputs.append(x)
-            feat, x = layer(x)
-            feats.append(feat)
-        return inputs, feats, x
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Multi-scale features (B, c_i, H/2^(i+2), W/2^(i+2)) in channel-first layout, for backbones."""
-        return [f.permute(0, 3, 1, 2).contiguous() for f in self.forward_stages(x)[1]]
+        return self.add_pos_embed(x) if self.pos_embed is not None else x
 
 
 def number_quadtree_routers(model: nn.Module) -> None:

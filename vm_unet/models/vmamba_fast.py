@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vm_unet.kernels import ss2d_core
 from vm_unet.kernels.routes import num_directions
 
-from .vmamba import DropPath, init_A_logs, init_dt_bias, init_dt_weight
+from .vmamba import DropPath, StagedEncoder, init_A_logs, init_dt_bias, init_dt_weight
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -119,47 +119,13 @@ class PatchExpandFast(nn.Module):
         return self.norm(self.shuffle(self.expand(x)))
 
 
-class VSSStageFast(nn.Module):
-    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], d_state: int, ssm_ratio: float,
-                 mlp_ratio: float, route: str, downsample: bool):
-        super().__init__()
-        self.blocks = nn.ModuleList([VSSBlockFast(dim, drop_path[i], d_state, ssm_ratio, mlp_ratio, route)
-                                     for i in range(depth)])
-        self.downsample = DownsampleFast(dim) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for blk in self.blocks:
-            x = blk(x)
-        return x, (self.downsample(x) if self.downsample is not None else x)
-
-
-class VSSEncoderFast(nn.Module):
+class VSSEncoderFast(StagedEncoder):
     """Fast VMamba encoder, channel-first; same ``forward_stages``/``forward`` contract as ``VSSEncoder``."""
 
     def __init__(self, in_chans: int = 3, dims: Sequence[int] = (96, 192, 384, 768),
                  depths: Sequence[int] = (2, 2, 5, 2), d_state: int = 1, ssm_ratio: float = 1.0,
                  mlp_ratio: float = 4.0, drop_path: Sequence[float] | None = None, route: str = "cross"):
         super().__init__()
-        if len(dims) != len(depths):
-            raise ValueError(f"dims {list(dims)} and depths {list(depths)} must have the same length")
-        drop_path = list(drop_path) if drop_path is not None else [0.0] * sum(depths)
-        self.dims = list(dims)
         self.patch_embed = StemFast(in_chans, dims[0])
-        self.layers = nn.ModuleList()
-        start = 0
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
-            self.layers.append(VSSStageFast(dim, depth, drop_path[start:start + depth], d_state, ssm_ratio,
-                                            mlp_ratio, route, downsample=i < len(dims) - 1))
-            start += depth
-
-    def forward_stages(self, x: torch.Tensor):
-        x = self.patch_embed(x)
-        inputs, feats = [], []
-        for layer in self.layers:
-            inputs.append(x)
-            feat, x = layer(x)
-            feats.append(feat)
-        return inputs, feats, x
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.forward_stages(x)[1]
+        self._build_stages(dims, depths, drop_path,
+                           lambda dim, dp: VSSBlockFast(dim, dp, d_state, ssm_ratio, mlp_ratio, route), DownsampleFast)

@@ -78,7 +78,6 @@ class VMUNet(nn.Module):
             # the fast encoder has no position embedding and its SS2D no quadtree router
             raise ValueError(f"route {route!r} is implemented for family='v0' only, got family={family!r}")
         self.in_chans, self.num_classes, self.family = in_chans, num_classes, family
-        self.channels_last = family == "v0"
         self.stride = 4 * 2 ** (len(dims) - 1)
         dpr = _drop_path_rates(drop_path_rate, depths)
         dpr_dec = _drop_path_rates(drop_path_rate, depths_decoder)[::-1]
@@ -92,6 +91,7 @@ class VMUNet(nn.Module):
             self.encoder = VSSEncoderFast(in_chans, dims, depths, d_state, ssm_ratio, mlp_ratio, dpr, route)
             block = lambda dim, dp: VSSBlockFast(dim, dp, d_state, ssm_ratio, mlp_ratio, route)  # noqa: E731
             expand = PatchExpandFast
+        self.channels_last = self.encoder.channels_last
         self.decoder = nn.ModuleList()
         start = 0
         for i, (dim, depth) in enumerate(zip(dims_dec, depths_decoder)):
