@@ -166,3 +166,12 @@ def test_gpu_ss2d_optimised_path_equals_published_formulation():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _check_ss2d_optimised_equals_reference("cuda")
+
+
+@pytest.mark.parametrize("name", ["vmunet_isic", "vmunet_fast"])
+def test_encoder_features_are_channel_first_for_backbones(name):
+    torch.manual_seed(0)
+    enc = vm_unet.create_model(name, **TINY).encoder.eval()
+    with torch.no_grad():
+        feats = enc(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 96 // s) for c, s in zip(TINY["dims"], (4, 8, 16, 32))]

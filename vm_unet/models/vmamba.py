@@ -327,6 +327,8 @@ class VSSEncoder(StagedEncoder):
     resized to the actual token grid, so any input size works.
     """
 
+    channels_last = True
+
     def __init__(self, in_chans: int = 3, dims: Sequence[int] = (96, 192, 384, 768),
                  depths: Sequence[int] = (2, 2, 9, 2), d_state: int = 16, drop_path: Sequence[float] | None = None,
                  route: str = "cross", pos_embed_grid: int = 64):
