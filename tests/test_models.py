@@ -175,3 +175,14 @@ def test_encoder_features_are_channel_first_for_backbones(name):
     with torch.no_grad():
         feats = enc(torch.randn(1, 3, 64, 96))
     assert [tuple(f.shape) for f in feats] == [(1, c, 64 // s, 96 // s) for c, s in zip(TINY["dims"], (4, 8, 16, 32))]
+
+
+@pytest.mark.parametrize("name", ["vmunet_isic", "vmunet_fast"])
+def test_gradients_follow_parameter_layout(name):
+    """DDP buckets gradients in the parameters' layout; a grad with other strides costs a copy every step."""
+    torch.manual_seed(0)
+    model = vm_unet.create_model(name, **TINY)
+    # 64² so the deepest maps are 2×2: at 1×1 a (B, C, 1, 1) tensor is both layouts and the check is moot
+    model(torch.randn(2, 3, 64, 64)).mean().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()]
+    assert not bad, f"gradients with strides unlike their parameters: {bad}"

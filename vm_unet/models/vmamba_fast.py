@@ -23,8 +23,10 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel dim of a (B, C, H, W) tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # contiguous NCHW out: a channels-last-strided result would make every following conv produce
+        # channels-last weight gradients, which DDP then copies into its buckets every step
         return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
+                            self.eps).permute(0, 3, 1, 2).contiguous()
 
 
 class SS2DFast(nn.Module):

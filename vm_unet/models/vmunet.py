@@ -126,7 +126,10 @@ class VMUNet(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.final_expand(x)
         if self.channels_last:
-            x = x.permute(0, 3, 1, 2)
+            # the 1x1 head as a linear map over channels: permuting the num_classes-channel output is cheaper than
+            # the 24-channel input, and the weight gradient stays contiguous (DDP's bucket layout)
+            weight = self.head.weight.view(self.head.out_channels, self.head.in_channels)
+            return F.linear(x, weight, self.head.bias).permute(0, 3, 1, 2)
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
