@@ -200,8 +200,9 @@ def test_route_option_and_published_counts():
     n = lambda name, **kw: sum(p.numel() for p in vm_unet.create_model(name, **kw).parameters())  # noqa: E731
     assert n("vmunet_isic_zigzag") == n("vmunet_isic_window") == 27_427_561
     assert vm_unet.create_model("vmunet_fast", route="zigzag", **TINY)
-    with pytest.raises(ValueError, match="family='v0' only"):
-        vm_unet.create_model("vmunet_fast", route="quadtree", **TINY)
+    fast_quadtree = vm_unet.create_model("vmunet_fast", route="quadtree", **TINY)   # shares SSMCore's router
+    fast_quadtree(torch.randn(1, 3, 64, 48)).mean().backward()
+    assert fast_quadtree.encoder.layers[0].blocks[0].ss2d.router.score[-1].weight.grad is not None
     with pytest.raises(ValueError, match="family='v0' only"):
         vm_unet.create_model("vmunet_fast", route="bidirectional", **TINY)
 

@@ -95,7 +95,8 @@ class QuadtreeRouter(nn.Module):
         b, _, h, w = x.shape
         tok = self.local(self.norm(x.permute(0, 2, 3, 1)))                       # (b, H, W, hidden)
         glob = tok.mean(dim=(1, 2), keepdim=True).expand_as(tok)
-        scores = self.score(torch.cat([tok, glob], dim=-1)).float().view(b, h * w)
+        scores = self.score(torch.cat([tok, glob], dim=-1))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).view(b, h * w)  # >= fp32 under autocast
         coarse, fine, inv_coarse, inv_fine, win_seq, win_pix, counts = quadtree_orders(
             h, w, quadtree_shift(h, w, self.shift_index), x.device)
         logits = scores.new_zeros(b, 4).index_add(1, win_pix, scores) / counts.clamp(min=1)
@@ -142,43 +143,28 @@ class QuadtreePlan:
         return self._st(y, self.order[:, self._inv_fine], self.order[:, self._inv_coarse])
 
 
-class SS2D(nn.Module):
-    """2D selective scan: in_proj -> depthwise conv + SiLU -> route scan -> merge -> LayerNorm -> gate -> out_proj.
+class SSMCore(nn.Module):
+    """The scan half both SS2D variants share: per-direction projections and SSM parameters (published names and
+    mamba init), the route (with a ``QuadtreeRouter`` for data-dependent routes) and ``forward_core``."""
 
-    ``route`` chooses how the image is turned into sequences (kernels.routes); VMamba's is ``cross`` (K=4). A
-    data-dependent route (``quadtree[:R]``) adds a ``QuadtreeRouter`` that picks the order per sample.
-    """
-
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: float = 2.0,
-                 dt_rank: int | str = "auto", route: str = "cross", dropout: float = 0.0, bias: bool = False,
-                 conv_bias: bool = True):
-        super().__init__()
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_inner = int(expand * d_model)
+    def _init_ssm(self, d_model: int, d_inner: int, d_state: int, dt_rank: int | str, route: str) -> None:
+        self.d_inner, self.d_state, self.route = d_inner, d_state, route
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.route = route
         k = num_directions(route)
         base, value = parse_route(route)
-        self.router = QuadtreeRouter(self.d_inner, refine=value) if base == "quadtree" else None
-        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
-        self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2,
-                                groups=self.d_inner, bias=conv_bias)
+        self.router = QuadtreeRouter(d_inner, refine=value) if base == "quadtree" else None
         self.x_proj_weight = nn.Parameter(
-            torch.empty(k, self.dt_rank + 2 * d_state, self.d_inner).uniform_(-1, 1) / math.sqrt(self.d_inner))
-        self.dt_projs_weight = nn.Parameter(init_dt_weight(self.d_inner, self.dt_rank, k))
-        self.dt_projs_bias = nn.Parameter(init_dt_bias(self.d_inner, k))
-        self.A_logs = nn.Parameter(init_A_logs(self.d_inner, d_state, k))
-        self.Ds = nn.Parameter(torch.ones(k * self.d_inner))
-        self.out_norm = nn.LayerNorm(self.d_inner)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Keep the mamba-initialised SSM parameters when the model applies its generic Linear init.
+            torch.empty(k, self.dt_rank + 2 * d_state, d_inner).uniform_(-1, 1) / math.sqrt(d_inner))
+        self.dt_projs_weight = nn.Parameter(init_dt_weight(d_inner, self.dt_rank, k))
+        self.dt_projs_bias = nn.Parameter(init_dt_bias(d_inner, k))
+        self.A_logs = nn.Parameter(init_A_logs(d_inner, d_state, k))
+        self.Ds = nn.Parameter(torch.ones(k * d_inner))
+        # Keep the mamba-initialised SSM parameters out of weight decay.
         for p in (self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds):
             p._no_weight_decay = True
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, D, H, W) -> merged scan output (B, D, H, W)."""
+        """x (B, D, H, W) contiguous -> merged scan output (B, D, H, W)."""
         r, n = self.dt_rank, self.d_state
         route, plan = self.route, None
         if self.router is not None:
@@ -190,9 +176,32 @@ class SS2D(nn.Module):
         # (einsum chose a permuted operand); same math as einsum("bdhw,kcd->bkchw")
         proj = torch.matmul(self.x_proj_weight.reshape(k * c, d), x.reshape(b, d, h * w)).view(b, k, c, h, w)
         dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
-        A = -torch.exp(self.A_logs.float())
+        # at least fp32 (the scan's state precision), float64 stays float64
+        A = -torch.exp(self.A_logs.to(torch.promote_types(self.A_logs.dtype, torch.float32)))
         y = ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, route)
         return plan.straight_through_out(y) if plan is not None else y
+
+
+class SS2D(SSMCore):
+    """2D selective scan: in_proj -> depthwise conv + SiLU -> route scan -> merge -> LayerNorm -> gate -> out_proj.
+
+    ``route`` chooses how the image is turned into sequences (kernels.routes); VMamba's is ``cross`` (K=4). A
+    data-dependent route (``quadtree[:R]``) adds a ``QuadtreeRouter`` that picks the order per sample.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: float = 2.0,
+                 dt_rank: int | str = "auto", route: str = "cross", dropout: float = 0.0, bias: bool = False,
+                 conv_bias: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        d_inner = int(expand * d_model)
+        self._init_ssm(d_model, d_inner, d_state, dt_rank, route)
+        self.in_proj = nn.Linear(d_model, d_inner * 2, bias=bias)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
+                                bias=conv_bias)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)

@@ -6,17 +6,14 @@ its kernels are the same as v0; only the block around them changes.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vm_unet.kernels import ss2d_core
-from vm_unet.kernels.routes import num_directions
 
-from .vmamba import DropPath, StagedEncoder, init_A_logs, init_dt_bias, init_dt_weight
+from .vmamba import DropPath, SSMCore, StagedEncoder
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -29,39 +26,22 @@ class LayerNorm2d(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2).contiguous()
 
 
-class SS2DFast(nn.Module):
+class SS2DFast(SSMCore):
     """1×1 in_proj -> depthwise 3×3 + SiLU -> SS2D core -> LayerNorm2d -> 1×1 out_proj (no gate)."""
 
     def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3,
                  dt_rank: int | str = "auto", route: str = "cross"):
         super().__init__()
-        self.d_inner = int(ssm_ratio * d_model)
-        self.d_state = d_state
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.route = route
-        k = num_directions(route)
-        self.in_proj = nn.Conv2d(d_model, self.d_inner, 1, bias=False)
-        self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2,
-                                groups=self.d_inner, bias=False)
-        self.x_proj_weight = nn.Parameter(
-            torch.empty(k, self.dt_rank + 2 * d_state, self.d_inner).uniform_(-1, 1) / math.sqrt(self.d_inner))
-        self.dt_projs_weight = nn.Parameter(init_dt_weight(self.d_inner, self.dt_rank, k))
-        self.dt_projs_bias = nn.Parameter(init_dt_bias(self.d_inner, k))
-        self.A_logs = nn.Parameter(init_A_logs(self.d_inner, d_state, k))
-        self.Ds = nn.Parameter(torch.ones(k * self.d_inner))
-        self.out_norm = LayerNorm2d(self.d_inner)
-        self.out_proj = nn.Conv2d(self.d_inner, d_model, 1, bias=False)
-        for p in (self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds):
-            p._no_weight_decay = True
+        d_inner = int(ssm_ratio * d_model)
+        self._init_ssm(d_model, d_inner, d_state, dt_rank, route)
+        self.in_proj = nn.Conv2d(d_model, d_inner, 1, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)
+        self.out_norm = LayerNorm2d(d_inner)
+        self.out_proj = nn.Conv2d(d_inner, d_model, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.conv2d(self.in_proj(x)))
-        r, n = self.dt_rank, self.d_state
-        proj = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)
-        dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
-        A = -torch.exp(self.A_logs.float())
-        y = ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, self.route)
-        return self.out_proj(self.out_norm(y))
+        return self.out_proj(self.out_norm(self.forward_core(x)))
 
 
 class VSSBlockFast(nn.Module):

@@ -74,8 +74,8 @@ class VMUNet(nn.Module):
             if dims[i] != 2 * dims[i - 1]:
                 raise ValueError(f"each stage must double the width (patch merging/expand): dims={list(dims)}")
         info = route_info(route)
-        if family != "v0" and (info.position_embedding or info.data_dependent):
-            # the fast encoder has no position embedding and its SS2D no quadtree router
+        if family != "v0" and info.position_embedding:
+            # the fast encoder has no position embedding
             raise ValueError(f"route {route!r} is implemented for family='v0' only, got family={family!r}")
         self.in_chans, self.num_classes, self.family = in_chans, num_classes, family
         self.stride = 4 * 2 ** (len(dims) - 1)
