@@ -21,6 +21,18 @@ def _strides4(t: torch.Tensor, groups: int):
     return t.stride(0), dg * t.stride(1), t.stride(1), t.stride(2)
 
 
+def _input_args(u, delta, A, B4, C4, D, z, delta_bias, groups) -> tuple:
+    """The argument prefix the forward and backward kernels share: the inputs in selective-scan layout (no route
+    gather, no low-rank Δ: those slots get placeholders the kernel never reads)."""
+    return (u, *_strides4(u, groups),
+            delta, *_strides4(delta, groups),
+            A, 0, 0,
+            delta_bias if delta_bias is not None else A, A, D if D is not None else A,
+            B4, *B4.stride(), C4, *C4.stride(),
+            z, *_strides4(z, groups),
+            A, 0, A)
+
+
 def _bc4(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 4 else t.unsqueeze(1)
 
@@ -31,19 +43,13 @@ def _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, out, states, la
     dk = dim // groups
     bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=store_states and not write_out,
                                           rows=batch * groups)
-    nchunk = triton_cdiv(length, bl)
+    nchunk = _cdiv(length, bl)
     if states is None:
         states = u  # never touched: STORE_STATES is off
-    grid = (triton_cdiv(dk, bd), groups, batch)
+    grid = (_cdiv(dk, bd), groups, batch)
     zz = z if z is not None else u
     core._scan_fwd_kernel[grid](
-        u, *_strides4(u, groups),
-        delta, *_strides4(delta, groups),
-        A, 0, 0,
-        delta_bias if delta_bias is not None else A, A, D if D is not None else A,
-        B4, *B4.stride(), C4, *C4.stride(),
-        zz, *_strides4(zz, groups),
-        A, 0, A,
+        *_input_args(u, delta, A, B4, C4, D, zz, delta_bias, groups),
         out if out is not None else u, *_strides4(out if out is not None else u, groups),
         states, last,
         groups, dk, length, n_state, 0, nchunk,
@@ -54,7 +60,7 @@ def _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, out, states, la
     return bd, bl, nchunk
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -86,7 +92,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     groups, n_state = B4.shape[1], A.shape[1]
     dk = dim // groups
     bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=True, rows=batch * groups)
-    nchunk = triton_cdiv(length, bl)
+    nchunk = _cdiv(length, bl)
     states = torch.empty(batch * dim * nchunk * np_, device=u.device, dtype=torch.float32)
     _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, None, states, None,
                 store_states=True, write_out=False)
@@ -94,7 +100,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
-    nblk = triton_cdiv(dk, bd)
+    nblk = _cdiv(dk, bd)
     partial = core.bc_partial(nblk, B4.numel() * 4)
     alloc = torch.empty if partial else torch.zeros
     dB = alloc(((nblk,) if partial else (1,)) + tuple(B4.shape), device=u.device, dtype=torch.float32)
@@ -108,13 +114,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
         zz = zz.contiguous()
     grid = (nblk, groups, batch)
     core._scan_bwd_kernel[grid](
-        u, *_strides4(u, groups),
-        delta, *_strides4(delta, groups),
-        A, 0, 0,
-        delta_bias if delta_bias is not None else A, A, D if D is not None else A,
-        B4, *B4.stride(), C4, *C4.stride(),
-        zz, *_strides4(zz, groups),
-        A, 0, A,
+        *_input_args(u, delta, A, B4, C4, D, zz, delta_bias, groups),
         grad_out, *_strides4(grad_out, groups),
         states,
         du, *_strides4(du, groups),

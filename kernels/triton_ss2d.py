@@ -80,18 +80,24 @@ def _prep(x, dt_low, B, C, dt_weight, lay):
     return (_two_layouts(x, h, w, lay), *per_dir, dt_weight.contiguous(), b, d, h, w, k, r, L)
 
 
+def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, idx, kmap) -> tuple:
+    """The argument prefix the forward and backward kernels share: x read through the route map (slot-major
+    layouts from ``_prep``), low-rank Δ with its dt_proj weights, B, C; no z gate in SS2D (placeholder)."""
+    return (xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
+            lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
+            W, W.stride(0), W.stride(1),
+            dt_bias, A, Ds,
+            Bs, *Bs.stride(), Cs, *Cs.stride(),
+            xx, 0, 0, 0, 0,
+            idx, idx.stride(0), kmap)
+
+
 def _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, out, states, b, d, k, r, n, L, backward):
     bd, np_, bl, warps = core.tile_config(n, L, d, backward=backward, rows=b * k)
     nchunk = _cdiv(L, bl)
     grid = (_cdiv(d, bd), k, b)
     core._scan_fwd_kernel[grid](
-        xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
-        lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
-        W, W.stride(0), W.stride(1),
-        dt_bias, A, Ds,
-        Bs, *Bs.stride(), Cs, *Cs.stride(),
-        xx, 0, 0, 0, 0,
-        idx, idx.stride(0), kmap,
+        *_input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, idx, kmap),
         out if out is not None else xx, xx.stride(1), xx.stride(0), L, 1,
         states if states is not None else xx, xx,
         k, d, L, n, r, nchunk,
@@ -150,13 +156,7 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     dW = torch.empty(b, k * d, r, **f32)
     grid = (nblk, k, b)
     core._scan_bwd_kernel[grid](
-        xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
-        lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
-        W, W.stride(0), W.stride(1),
-        dt_bias, A, Ds,
-        Bs, *Bs.stride(), Cs, *Cs.stride(),
-        xx, 0, 0, 0, 0,
-        idx, idx.stride(0), kmap,
+        *_input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, idx, kmap),
         g, g.stride(1), g.stride(0), g.stride(2), g.stride(3),
         states,
         dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3),
