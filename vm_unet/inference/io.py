@@ -115,6 +115,15 @@ def save_json(obj, dest: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- volumes
 
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file")
+    return path
+
+
 def load_volume(path: Path, in_chans: int, channels: list[int] | None = None):
     """Read a NIfTI file -> ``(image, data)`` with data float32 ``(X, Y, Z, in_chans)`` in stored orientation.
 
@@ -123,11 +132,7 @@ def load_volume(path: Path, in_chans: int, channels: list[int] | None = None):
     way training did (``preprocessing["channels"]``)."""
     import nibabel as nib
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file")
+    path = _existing_file(path)
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises ImageFileError, gzip/zlib errors, struct errors... for junk
@@ -242,11 +247,7 @@ def load_image2d(path: Path, in_chans: int) -> tuple[np.ndarray, float]:
     dropped; grey vs colour must match the checkpoint (we do not guess a conversion that training never saw)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file")
+    path = _existing_file(path)
     try:
         with _no_pixel_limit(), Image.open(path) as im:
             im.load()  # decode now: truncated files fail here, not later
