@@ -55,12 +55,16 @@ def test_errors_are_one_line(tmp_path):
     data = (tmp_path / "trunc.pt").read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     cases["truncated"] = tmp_path / "trunc.pt"
+    (tmp_path / "log.pt").write_text("epoch 1: train loss 0.3\n")
+    cases["text"] = tmp_path / "log.pt"
     for what, p in cases.items():
         with pytest.raises(CheckpointError) as ei:
             load_checkpoint(p)
         msg = str(ei.value)
         assert "\n" not in msg and str(p) in msg, (what, msg)
         assert isinstance(ei.value, ValueError) and isinstance(ei.value, UserError)
+        if what in ("text", "truncated", "corrupt"):
+            assert "not a PyTorch checkpoint" in msg and "weights_only" not in msg, (what, msg)
 
 
 def test_mismatched_weights(tmp_path):

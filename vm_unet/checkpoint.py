@@ -173,6 +173,11 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since PyTorch 1.6; anything else (a text file, an image, a truncated
+        # download) would otherwise surface as torch's confusing "weights only load failed" message
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt or truncated, or another kind of file; "
+                              "expected a complete file written by torch.save, e.g. best.pt of a training run)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
