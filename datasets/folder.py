@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from vm_unet.errors import DataError
 
+from .labels import apply_label_map
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 MASK_SUFFIXES = ("_segmentation", "_Segmentation", "_mask", "_Mask")
 IMAGE_DIRS = ("images", "image", "imgs")
@@ -123,14 +125,7 @@ def mask_to_labels(mask: np.ndarray, path, num_classes: int, threshold: float | 
     Binary (num_classes == 1): values must be {0,255} or {0,1} (or any values when ``threshold`` is set, e.g. for
     JPEG-compressed masks). Multi-class: values (after ``label_map``) must lie in [0, num_classes)."""
     if label_map:
-        out = np.zeros_like(mask, dtype=np.int64)
-        vals = np.unique(mask)
-        unknown = [int(v) for v in vals if int(v) not in label_map and str(int(v)) not in label_map]
-        if unknown:
-            raise DataError(f"{path}: mask values {unknown[:8]} are not in label_map {dict(label_map)}")
-        for v in vals:
-            out[mask == v] = int(label_map.get(int(v), label_map.get(str(int(v)))))
-        mask = out
+        mask = apply_label_map(mask, label_map, path, "mask")
     if num_classes == 1:
         if threshold is not None:
             return (mask > threshold).astype(np.int64)

@@ -15,6 +15,7 @@ import numpy as np
 from vm_unet.errors import DataError
 
 from .intensity import normalize_intensity
+from .labels import apply_label_map
 
 NIFTI_EXTS = (".nii.gz", ".nii")
 
@@ -76,14 +77,7 @@ def remap_labels(lab: np.ndarray, path, num_classes: int, label_map: dict | None
             raise DataError(f"{path}: label volume has non-integer values")
     lab = lab.astype(np.int64)
     if label_map:
-        out = np.zeros_like(lab)
-        vals = np.unique(lab)
-        unknown = [int(v) for v in vals if int(v) not in label_map and str(int(v)) not in label_map]
-        if unknown:
-            raise DataError(f"{path}: label values {unknown[:8]} are not in label_map {dict(label_map)}")
-        for v in vals:
-            out[lab == v] = int(label_map.get(int(v), label_map.get(str(int(v)))))
-        lab = out
+        lab = apply_label_map(lab, label_map, path, "label")
     if binarize:
         lab = (lab > 0).astype(np.int64)
     n = 2 if num_classes == 1 else num_classes
