@@ -16,8 +16,8 @@ returns y     (b, D, H, W)      sum over directions of each direction's output, 
 Because x_proj is a per-pixel linear map, projecting in image layout and then reading in route order equals
 VMamba's "cross-scan, then project per direction"; the fused Triton kernel exploits exactly this.
 
-Index-map routes: a per-sample map always runs the unfused path (gather, ``selective_scan_fn``, merge), so on CUDA
-the scan itself is still the Triton kernel; the fused kernel reads one (K, H*W) map shared by the batch.
+Index-map routes, static or per sample, run the same fused kernel on CUDA: it reads x through the map of its own
+batch element.
 """
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross
 
 
 def ss2d_core(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
-    """Fused on CUDA (Triton), reference elsewhere; index-map routes take the unfused path (module docstring)."""
+    """Fused on CUDA (Triton), reference elsewhere (``VM_UNET_BACKEND`` forces either)."""
     _check(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
-    if use_triton(x) and isinstance(route, str):
+    if use_triton(x):
         from .triton_ss2d import ss2d_core_triton  # noqa: PLC0415 (triton is imported only when used)
         return ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
     return ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)

@@ -3,27 +3,37 @@
 One forward and one backward kernel serve both ops; constexpr flags pick the variant:
 
 * plain selective scan: u (b, Dm, L), Δ read directly, B/C (b, G, N, L), out stored (each element written once).
-* fused SS2D: x (b, D, H*W) read through the route's gather map ``idx[k, l]`` (no direction copies), Δ built on the
-  fly as ``dt_weight[k] @ dt_low[b, k, :, idx[k, l]]``, and y_k scattered back through the same map with fp32 atomics
-  into one merged (b, D, H*W) buffer. Scattering through the gather map *is* the inverse map, so any permutation
-  route works with no route-specific code.
+* fused SS2D: x (b, D, H*W) read through the route's gather map ``idx[(b,) k, l]`` (no direction copies; one map
+  for the batch or one per sample), Δ built on the fly as ``dt_weight[k] @ dt_low[b, k, :, idx[k, l]]``, and y_k
+  scattered back through the same map with fp32 atomics into one merged (b, D, H*W) buffer. Scattering through the
+  gather map *is* the inverse map, so any permutation route works with no route-specific code.
 
-A program owns (batch b, "slot" k, a block of BD channels) and walks L in chunks of BL positions. The recurrence
-``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a [BL, NP, BD] fp32 tile
-(scanned axis first, so Triton keeps each thread's positions in registers and the scan needs no lane shuffles);
-the state is carried between chunks in registers. Slot k is the group (plain scan) or the direction (SS2D); the
-parameter channel is ``k * DK + d`` in both cases.
+A program owns (batch b, "slot" k, a block of BD channels, a segment of L) and walks its segment in chunks of BL
+positions. The recurrence ``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a
+[BL, NP, BD] fp32 tile (scanned axis first, so Triton keeps each thread's positions in registers and the scan
+needs no lane shuffles); the state is carried between chunks in registers. Slot k is the group (plain scan) or the
+direction (SS2D); the parameter channel is ``k * DK + d`` in both cases.
+
+Segments (parallel over L). With few (batch, slot, channel-block) rows, e.g. one 2048² image, walking all of L
+per program leaves the GPU empty, so L is cut into NSEG segments of CPS chunks: a first pass (``SEG_END``) runs
+each segment from a zero state and stores its end state and ΣΔ; the segment's total decay is exp(A·ΣΔ), so the
+main pass starts segment s from ``h = Σ_{t<s} (Π_{t<t'<s} exp(A ΣΔ_t')) h_end_t`` (``SEG_CARRY``), folded in its
+prologue. The backward mirrors it for dh: a pass (``DH_ONLY``) runs each segment's reverse recurrence from zero and
+stores ``q_s = a_{first} dh_{first}``; the main pass starts from ``G_s = Σ_{t>s} ... q_t``.
 
 Backward recomputes everything from the inputs: a forward pass stores only the chunk-start states (fp32,
 N/BL of the size of u), then a reverse pass rebuilds each chunk's states from its start state and runs the
-reverse recurrence ``dh_l = C_l g_l + a_{l+1} dh_{l+1}``. Reductions over channels (dB, dC, dΔ-low, merged dx)
-are reduced over the program's BD channels first, then added with atomics; per-channel parameter gradients
-(dA, dD, dδ_bias, dW) are per-batch partials summed on the host side.
+reverse recurrence ``dh_l = C_l g_l + a_{l+1} dh_{l+1}``. dΔ is stored (for the fused op, in each direction's read
+layout; the low-rank products are matmuls on the host); dB, dC and the merged dx are reduced over the program's
+BD channels and added with atomics; per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment)
+partials summed on the host.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -90,6 +100,17 @@ def _delta(pre, mask, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A, NP: tl.constexpr, BD: tl.constexpr):
+    """Start state of segment ``seg``: fold the earlier segments' zero-start end states through their decays."""
+    h = tl.zeros([NP, BD], dtype=tl.float32)
+    for t in range(0, seg):
+        he = tl.load(hend_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
+        sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
+        h = tl.exp(A * sd[None, :]) * h + he
+    return h
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, s_ub, s_uk, s_ud, s_ul,
     dt_ptr, s_tb, s_tk, s_td, s_tl,
@@ -98,16 +119,19 @@ def _scan_fwd_kernel(
     B_ptr, s_Bb, s_Bk, s_Bn, s_Bl,
     C_ptr, s_Cb, s_Ck, s_Cn, s_Cl,
     z_ptr, s_zb, s_zk, s_zd, s_zl,
-    idx_ptr, s_ik, kmap_ptr,
+    idx_ptr, s_ib, s_ik, kmap_ptr,
     out_ptr, s_ob, s_ok, s_od, s_ol,
     state_ptr, last_ptr,
-    K, DK, L, N, R, NCHUNK,
+    hend_ptr, sdl_ptr,                       # segment end states (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
+    K, DK, L, N, R, NCHUNK, NSEG, CPS, SEG0,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
-    STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr,
+    STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
+    nblk = tl.cdiv(DK, BD)
+    pid_d = tl.program_id(0) % nblk
+    seg = tl.program_id(0) // nblk + SEG0
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31 elements at 2048² inputs
     d = pid_d * BD + tl.arange(0, BD)
@@ -126,7 +150,8 @@ def _scan_fwd_kernel(
     C_base = C_ptr + b * s_Cb + k * s_Ck
     z_base = z_ptr + b * s_zb + k * s_zk
     o_base = out_ptr + b * s_ob + ku * s_ok
-    idx_base = idx_ptr + k * s_ik
+    idx_base = idx_ptr + b * s_ib + k * s_ik
+    row = (b * K + k) * NSEG
 
     # tiles are [BL, NP, BD]: the scanned axis first, channels last. Positions are gathered (contiguity
     # unknown), so the default layout puts lanes on channels then states: the scan over axis 0 stays inside each
@@ -140,8 +165,14 @@ def _scan_fwd_kernel(
         Dv = tl.load(Dp_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
-    h = tl.zeros([NP, BD], dtype=tl.float32)
-    for c in range(NCHUNK):
+    if SEG_CARRY:
+        h = _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A, NP, BD)
+    else:
+        h = tl.zeros([NP, BD], dtype=tl.float32)
+    sdl = tl.zeros([BD], dtype=tl.float32)
+    c0 = seg * CPS
+    c1 = tl.minimum(c0 + CPS, NCHUNK)
+    for c in range(c0, c1):
         if STORE_STATES:
             tl.store(st_base + c * NP, h, mask=dmask[None, :])
         l = c * BL + j
@@ -151,6 +182,8 @@ def _scan_fwd_kernel(
         u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
         pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
         dl = _delta(pre, m2, SOFTPLUS)
+        if SEG_END:
+            sdl += tl.sum(dl, axis=0)
         nl = lmask[:, None] & nmask[None, :]
         Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
         a = tl.exp(dl[:, None, :] * A[None, :, :])
@@ -172,8 +205,12 @@ def _scan_fwd_kernel(
                 tl.atomic_add(optr, y, mask=m2, sem="relaxed")
             else:
                 tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=m2)
+    if SEG_END:
+        tl.store(hend_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], h, mask=dmask[None, :])
+        tl.store(sdl_ptr + (row + seg) * DK + d, sdl, mask=dmask)
     if WRITE_LAST:
-        tl.store(last_ptr + (b * K * DK + ch[None, :]) * N + n[:, None], h, mask=nmask[:, None] & dmask[None, :])
+        if seg == NSEG - 1:
+            tl.store(last_ptr + (b * K * DK + ch[None, :]) * N + n[:, None], h, mask=nmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -185,23 +222,25 @@ def _scan_bwd_kernel(
     B_ptr, s_Bb, s_Bk, s_Bn, s_Bl,
     C_ptr, s_Cb, s_Ck, s_Cn, s_Cl,
     z_ptr, s_zb, s_zk, s_zd, s_zl,
-    idx_ptr, s_ik, kmap_ptr,
+    idx_ptr, s_ib, s_ik, kmap_ptr,
     g_ptr, s_gb, s_gk, s_gd, s_gl,
     state_ptr,
     du_ptr, s_dub, s_duk, s_dud, s_dul,      # du (store) or merged dx (atomic)
-    ddt_ptr, s_ddb, s_ddk, s_ddd, s_ddl,     # dΔ (store) or d dt_low (atomic, d-stride = r-stride)
+    ddt_ptr, s_ddb, s_ddk, s_ddd, s_ddl,     # dΔ (store), in the layout Δ is read in
     dz_ptr,                                  # same strides as z
-    dB_ptr, s_dBb, s_dBk, s_dBn, s_dBl,      # fp32: atomic, or (BC_PARTIAL) one slice per channel block
+    dB_ptr, s_dBb, s_dBk, s_dBn, s_dBl,      # fp32, atomics
     dC_ptr, s_dCb, s_dCk, s_dCn, s_dCl,
-    s_blk,                                   # stride between the channel blocks' dB/dC slices (BC_PARTIAL)
-    dA_ptr, dD_ptr, dbias_ptr, dW_ptr,       # per-batch partials: (b, K*DK, N), (b, K*DK), (b, K*DK), (b, K*DK, R)
-    K, DK, L, N, R, NCHUNK,
-    BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr,
+    dA_ptr, dD_ptr, dbias_ptr,               # per-(batch, segment) partials: (b*NSEG, K*DK, N), (b*NSEG, K*DK) x2
+    q_ptr, sdl_ptr,                          # segment dh carries (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
+    K, DK, L, N, R, NCHUNK, NSEG, CPS, SEG0,
+    BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr,
-    DDT_STORE: tl.constexpr, BC_PARTIAL: tl.constexpr, SHIFT_A: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
+    SEG_CARRY: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
+    nblk = tl.cdiv(DK, BD)
+    pid_d = tl.program_id(0) % nblk
+    seg = tl.program_id(0) // nblk + SEG0
     k = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
@@ -224,11 +263,8 @@ def _scan_bwd_kernel(
     ddt_base = ddt_ptr + b * s_ddb + k * s_ddk
     dB_base = dB_ptr + b * s_dBb + k * s_dBk
     dC_base = dC_ptr + b * s_dCb + k * s_dCk
-    if BC_PARTIAL:
-        # each channel block writes its own slice (plain stores, summed on the host): no atomics, deterministic
-        dB_base += pid_d * s_blk
-        dC_base += pid_d * s_blk
-    idx_base = idx_ptr + k * s_ik
+    idx_base = idx_ptr + b * s_ib + k * s_ik
+    row = (b * K + k) * NSEG
 
     # tiles [BL, NP, BD] as in the forward kernel: scans stay inside threads, lanes run over channels/states
     An = nmask[:, None] & dmask[None, :]
@@ -243,145 +279,148 @@ def _scan_bwd_kernel(
         Dv = tl.zeros([BD], dtype=tl.float32)
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
-    dh_next = tl.zeros([NP, BD], dtype=tl.float32)   # dh at the first position of the chunk after this one
-    a_next = tl.full([NP, BD], 1.0, dtype=tl.float32)  # a at that position (any finite value past the end)
+    # dh_next: dh at the first position of the chunk after this one; a_next: a there. Past the segment's end the
+    # product a·dh is carried whole in dh_next (a_next = 1): G = Σ over later segments of their decayed q.
+    dh_next = tl.zeros([NP, BD], dtype=tl.float32)
+    if SEG_CARRY:
+        for i in range(0, NSEG - 1 - seg):
+            t = NSEG - 1 - i
+            qv = tl.load(q_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
+            sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
+            dh_next = qv + tl.exp(A * sd[None, :]) * dh_next
+    a_next = tl.full([NP, BD], 1.0, dtype=tl.float32)
     dA_acc = tl.zeros([NP, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
-    if LOWRANK and not DDT_STORE:
-        rr = tl.arange(0, RP)
-        dW_acc = tl.zeros([RP, BD], dtype=tl.float32)
-    for ci in range(NCHUNK):
-        c = NCHUNK - 1 - ci
+    sdl = tl.zeros([BD], dtype=tl.float32)
+    c0 = seg * CPS
+    c1 = tl.minimum(c0 + CPS, NCHUNK)
+    for ci in range(0, c1 - c0):
+        c = c1 - 1 - ci
         l = c * BL + j
         lmask = l < L
         pos = _positions(idx_base, l, lmask, GATHER)
         m2 = lmask[:, None] & dmask[None, :]
         nl = lmask[:, None] & nmask[None, :]
-        u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
         pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
         dl = _delta(pre, m2, SOFTPLUS)
-        Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
         Ct = tl.load(C_base + pos[:, None] * s_Cl + n[None, :] * s_Cn, mask=nl, other=0.0).to(tl.float32)
-        # states of this chunk, rebuilt from its stored start state
         a = tl.exp(dl[:, None, :] * A[None, :, :])
-        dlu = dl * u
-        bx = dlu[:, None, :] * Bt[:, :, None]
-        P, Hs = tl.associative_scan((a, bx), 0, _combine)
-        h0 = tl.load(st_base + c * NP, mask=dmask[None, :], other=0.0)
-        hs = P * h0[None, :, :] + Hs
-
         g = tl.load(g_base + pos[:, None] * s_gl + d[None, :] * s_gd, mask=m2, other=0.0).to(tl.float32)
+        if DH_ONLY:
+            sdl += tl.sum(dl, axis=0)
+        else:
+            # states of this chunk, rebuilt from its stored start state
+            u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
+            Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
+            dlu = dl * u
+            bx = dlu[:, None, :] * Bt[:, :, None]
+            P, Hs = tl.associative_scan((a, bx), 0, _combine)
+            h0 = tl.load(st_base + c * NP, mask=dmask[None, :], other=0.0)
+            hs = P * h0[None, :, :] + Hs
         if HAS_Z:
-            y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
             zoff = pos[:, None] * s_zl + d[None, :] * s_zd
             zt = tl.load(z_base + zoff, mask=m2, other=0.0).to(tl.float32)
             sig = 1.0 / (1.0 + tl.exp(-zt))
-            dz = g * y * sig * (1.0 + zt * (1.0 - sig))
-            tl.store(dz_base + zoff, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            if not DH_ONLY:
+                y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
+                dz = g * y * sig * (1.0 + zt * (1.0 - sig))
+                tl.store(dz_base + zoff, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             g = g * zt * sig
 
-        # a_{l+1}: a shifted by one row. SHIFT_A: rows taken from this chunk's a (in-thread selects, the scanned
-        # axis lives in each thread's registers) and the next chunk's first row; else Δ recomputed at l+1.
-        if SHIFT_A:
-            a1 = tl.where((j == BL - 1)[:, None, None], a_next[None, :, :], 0.0)
-            for i in tl.static_range(BL - 1):
-                row = tl.sum(tl.where((j == i + 1)[:, None, None], a, 0.0), axis=0)
-                a1 = tl.where((j == i)[:, None, None], row[None, :, :], a1)
-            a_next = tl.sum(tl.where((j == 0)[:, None, None], a, 0.0), axis=0)
-        else:
-            l1 = l + 1
-            l1mask = l1 < L
-            pos1 = _positions(idx_base, l1, l1mask, GATHER)
-            m21 = l1mask[:, None] & dmask[None, :]
-            pre1 = _delta_pre_t(dt_base, w_base, d, dmask, pos1, l1mask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD,
-                                BL)
-            a1 = tl.exp(_delta(pre1, m21, SOFTPLUS)[:, None, :] * A[None, :, :])
+        # a_{l+1}: a shifted by one row, taken from this chunk's a (in-thread selects: the scanned axis lives in
+        # each thread's registers) and the next chunk's first row, kept from the previous (reverse) iteration
+        a1 = tl.where((j == BL - 1)[:, None, None], a_next[None, :, :], 0.0)
+        for i in tl.static_range(BL - 1):
+            arow = tl.sum(tl.where((j == i + 1)[:, None, None], a, 0.0), axis=0)
+            a1 = tl.where((j == i)[:, None, None], arow[None, :, :], a1)
+        a_next = tl.sum(tl.where((j == 0)[:, None, None], a, 0.0), axis=0)
         cg = Ct[:, :, None] * g[:, None, :]
         Q, S = tl.associative_scan((a1, cg), 0, _combine, reverse=True)
         dh = Q * dh_next[None, :, :] + S
         dh_next = tl.sum(tl.where((j == 0)[:, None, None], dh, 0.0), axis=0)
 
-        # dC = sum_d g h, dB = sum_d Δ u dh: reduced over this program's channels, then atomics
-        dCp = tl.sum(hs * g[:, None, :], axis=2)
-        dBp = tl.sum(dh * dlu[:, None, :], axis=2)
-        dC_ptrs = dC_base + pos[:, None] * s_dCl + n[None, :] * s_dCn
-        dB_ptrs = dB_base + pos[:, None] * s_dBl + n[None, :] * s_dBn
-        if BC_PARTIAL:
-            tl.store(dC_ptrs, dCp, mask=nl)
-            tl.store(dB_ptrs, dBp, mask=nl)
-        else:
-            tl.atomic_add(dC_ptrs, dCp, mask=nl, sem="relaxed")
-            tl.atomic_add(dB_ptrs, dBp, mask=nl, sem="relaxed")
+        if not DH_ONLY:
+            # dC = sum_d g h, dB = sum_d Δ u dh: reduced over this program's channels, then atomics
+            dCp = tl.sum(hs * g[:, None, :], axis=2)
+            dBp = tl.sum(dh * dlu[:, None, :], axis=2)
+            tl.atomic_add(dC_base + pos[:, None] * s_dCl + n[None, :] * s_dCn, dCp, mask=nl, sem="relaxed")
+            tl.atomic_add(dB_base + pos[:, None] * s_dBl + n[None, :] * s_dBn, dBp, mask=nl, sem="relaxed")
 
-        dhB = tl.sum(dh * Bt[:, :, None], axis=1)
-        du = dl * dhB + Dv[None, :] * g
-        du_ptrs = du_base + pos[:, None] * s_dul + d[None, :] * s_dud
-        if ATOMIC_DU:
-            tl.atomic_add(du_ptrs, du, mask=m2, sem="relaxed")
-        else:
-            tl.store(du_ptrs, du.to(du_ptr.dtype.element_ty), mask=m2)
-        # a_l h_{l-1} = h_l - b_l: the gradient w.r.t. Δ·A needs no shifted state
-        t = dh * (hs - bx)
-        ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
-        dA_acc += tl.sum(t * dl[:, None, :], axis=0)
-        if SOFTPLUS:
-            ddl = ddl / (1.0 + tl.exp(-pre))
-        ddl = tl.where(m2, ddl, 0.0)
-        dbias_acc += tl.sum(ddl, axis=0)
-        dD_acc += tl.sum(g * u, axis=0)
-        if LOWRANK and not DDT_STORE:
-            for r in range(R):
-                w = tl.load(w_base + d * s_wd + r, mask=dmask, other=0.0).to(tl.float32)
-                lo = tl.load(dt_base + r * s_td + pos * s_tl, mask=lmask, other=0.0).to(tl.float32)
-                dlo = tl.sum(w[None, :] * ddl, axis=1)
-                tl.atomic_add(ddt_base + r * s_ddd + pos * s_ddl, dlo, mask=lmask, sem="relaxed")
-                dw = tl.sum(ddl * lo[:, None], axis=0)
-                dW_acc += tl.where(rr[:, None] == r, dw[None, :], 0.0)
-        else:
+            dhB = tl.sum(dh * Bt[:, :, None], axis=1)
+            du = dl * dhB + Dv[None, :] * g
+            du_ptrs = du_base + pos[:, None] * s_dul + d[None, :] * s_dud
+            if ATOMIC_DU:
+                tl.atomic_add(du_ptrs, du, mask=m2, sem="relaxed")
+            else:
+                tl.store(du_ptrs, du.to(du_ptr.dtype.element_ty), mask=m2)
+            # a_l h_{l-1} = h_l - b_l: the gradient w.r.t. Δ·A needs no shifted state
+            t = dh * (hs - bx)
+            ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
+            dA_acc += tl.sum(t * dl[:, None, :], axis=0)
+            if SOFTPLUS:
+                ddl = ddl / (1.0 + tl.exp(-pre))
+            ddl = tl.where(m2, ddl, 0.0)
+            dbias_acc += tl.sum(ddl, axis=0)
+            dD_acc += tl.sum(g * u, axis=0)
             tl.store(ddt_base + pos[:, None] * s_ddl + d[None, :] * s_ddd, ddl.to(ddt_ptr.dtype.element_ty),
                      mask=m2)
 
-    prow = b * K * DK + ch
-    tl.store(dA_ptr + prow[None, :] * N + n[:, None], dA_acc, mask=An)
-    tl.store(dD_ptr + prow, dD_acc, mask=dmask)
-    tl.store(dbias_ptr + prow, dbias_acc, mask=dmask)
-    if LOWRANK and not DDT_STORE:
-        tl.store(dW_ptr + prow[None, :] * R + rr[:, None], dW_acc, mask=(rr < R)[:, None] & dmask[None, :])
+    if DH_ONLY:
+        tl.store(q_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], a_next * dh_next, mask=dmask[None, :])
+        tl.store(sdl_ptr + (row + seg) * DK + d, sdl, mask=dmask)
+    else:
+        prow = (b * NSEG + seg) * K * DK + ch
+        tl.store(dA_ptr + prow[None, :] * N + n[:, None], dA_acc, mask=An)
+        tl.store(dD_ptr + prow, dD_acc, mask=dmask)
+        tl.store(dbias_ptr + prow, dbias_acc, mask=dmask)
 
 
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-# Benchmarks may set this to {"fwd": (BD, BL, warps), "bwd": (BD, BL, warps)} to sweep tiles.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Benchmarks and tests may set this to {"fwd": (BD, BL, warps), "bwd": (BD, BL, warps), "segments": NSEG} to
+# sweep tiles or force a segment count.
 TILE_OVERRIDE: dict | None = None
 
-# Backward variants (benchmarks sweep them):
-#   ddt_store: the fused SS2D backward stores dΔ (b, K, D, L) and does d dt_low / d dt_weight as matmuls on the
-#              host, instead of R atomics per position and channel block inside the kernel.
-#   bc_partial_blocks: dB/dC as per-channel-block slices summed on the host (no atomics) when the grid has at
-#              most this many channel blocks and the slices fit in bc_partial_bytes; atomics otherwise.
-#   shift_a:   a_{l+1} from registers instead of recomputing Δ and exp at l+1.
-BWD_OPTS = {"ddt_store": True, "bc_partial_blocks": 0, "bc_partial_bytes": 1 << 30, "shift_a": True}
+# Segments (parallel over L): used when the (batch, slot, channel-block) programs alone are fewer than
+# target_programs, with at least min_chunks chunks per segment (the carry prologue and the extra pass cost about
+# one segment's worth of chunks, so short segments do not pay).
+SEGMENT_OPTS = {"target_programs": 4096, "min_chunks": 32}
 
 
-def bc_partial(nblk: int, slice_bytes: int) -> bool:
-    return nblk <= BWD_OPTS["bc_partial_blocks"] and 2 * nblk * slice_bytes <= BWD_OPTS["bc_partial_bytes"]
+@dataclass(frozen=True)
+class LaunchPlan:
+    bd: int        # channels per program
+    np: int        # states, padded to a power of two
+    bl: int        # positions per chunk
+    warps: int
+    nchunk: int
+    nseg: int      # segments of L
+    cps: int       # chunks per segment
+    nblk: int      # channel blocks
+
+    def grid(self, slots: int, batch: int, segments: int | None = None) -> tuple[int, int, int]:
+        return (self.nblk * (self.nseg if segments is None else segments), slots, batch)
 
 
-def tile_config(n_state: int, length: int, channels: int, backward: bool, rows: int = 1 << 20
-                ) -> tuple[int, int, int, int]:
-    """(BD, NP, BL, num_warps); rows = batch * slots. Larger BD shares B/C loads and dB/dC atomics over more
-    channels; the chunk-start states of the backward depend only on BL, which never depends on rows."""
+def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: int) -> LaunchPlan:
+    """Tiles and segments for one launch; rows = batch * slots. The chunk-start states of the backward depend on
+    BL and the segments, which both depend only on the shapes, so every launch of one backward agrees."""
     np_ = next_pow2(n_state)
     key = "bwd" if backward else "fwd"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if TILE_OVERRIDE and key in TILE_OVERRIDE:
         bd, bl, warps = TILE_OVERRIDE[key]
-    elif os.environ.get("TRITON_INTERPRET") == "1":
+    elif interpret:
         # the CPU interpreter pays per op and per program, not per element: few large tiles (still several
         # chunks and masked rows on the tiny test shapes, so the chunk carry and masks are exercised)
-        return max(1, min(16, next_pow2(channels))), np_, max(1, min(16, next_pow2(length))), 4
+        bd, bl, warps = max(1, min(16, next_pow2(channels))), max(1, min(16, next_pow2(length))), 4
     elif np_ <= 2:
         # measured on H200 (BENCHMARKS.md, fused SS2D stage-1 256² b32, N=1): best fwd and fwd+bwd
         bd, bl, warps = 4, 64, 1
@@ -392,8 +431,89 @@ def tile_config(n_state: int, length: int, channels: int, backward: bool, rows: 
         bd = max(1, bd * 16 // np_)
         warps = 1
     bd = max(1, min(bd, next_pow2(channels)))
-    # few rows (small batch, long L): smaller channel blocks so that the grid still fills the GPU
-    while bd > 1 and rows * -(-channels // bd) < 1024:
-        bd //= 2
     bl = max(1, min(bl, next_pow2(length)))
-    return bd, np_, bl, warps
+    nchunk = cdiv(length, bl)
+    nblk = cdiv(channels, bd)
+    if TILE_OVERRIDE and "segments" in TILE_OVERRIDE:
+        nseg = TILE_OVERRIDE["segments"]
+    elif interpret:
+        nseg = 1
+    else:
+        programs = rows * nblk
+        want = cdiv(SEGMENT_OPTS["target_programs"], programs)
+        nseg = max(1, min(want, nchunk // SEGMENT_OPTS["min_chunks"]))
+    nseg = max(1, min(nseg, nchunk))
+    cps = cdiv(nchunk, nseg)
+    nseg = cdiv(nchunk, cps)      # no empty segment
+    return LaunchPlan(bd, np_, bl, warps, nchunk, nseg, cps, nblk)
+
+
+@dataclass(frozen=True)
+class ScanDims:
+    batch: int
+    slots: int     # K: groups (plain scan) or directions (SS2D)
+    channels: int  # DK: channels per slot
+    length: int
+    n_state: int
+    rank: int      # low-rank Δ rank (0 when Δ is read directly)
+
+    def scalars(self, plan: LaunchPlan) -> tuple:
+        return (self.slots, self.channels, self.length, self.n_state, self.rank, plan.nchunk, plan.nseg, plan.cps)
+
+
+def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
+    f32 = dict(device=device, dtype=torch.float32)
+    return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
+            torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, **f32))
+
+
+def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, out=None, out_strides=None,
+                 atomic_out=False, states=None, last=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Launch the forward kernel: segment end states first when L is split (``LaunchPlan.nseg`` > 1), then the
+    main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers."""
+    ph = prefix[0]  # placeholder for pointers a variant never touches
+    seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
+    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, **flags)
+    if plan.nseg > 1:
+        # the last segment's end state is never carried anywhere: nseg - 1 segments
+        _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
+            *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *dims.scalars(plan), 0,
+            ATOMIC_OUT=False, WRITE_OUT=False, STORE_STATES=False, WRITE_LAST=False, SEG_END=True,
+            SEG_CARRY=False, **common)
+    _scan_fwd_kernel[plan.grid(dims.slots, dims.batch)](
+        *prefix, out if out is not None else ph, *(out_strides or (0, 0, 0, 0)),
+        states if states is not None else ph, last if last is not None else ph, *seg_bufs,
+        *dims.scalars(plan), 0,
+        ATOMIC_OUT=atomic_out, WRITE_OUT=out is not None, STORE_STATES=states is not None,
+        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1, **common)
+    return seg_bufs if plan.nseg > 1 else None
+
+
+def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, g: tuple, du: tuple,
+                  atomic_du: bool, ddt: tuple, dz, dB: tuple, dC: tuple) -> tuple[torch.Tensor, ...]:
+    """States pass, then (L split) the segments' dh carries, then the backward kernel. ``g``, ``du``, ``ddt``,
+    ``dB``, ``dC`` are (tensor, *strides) tuples. Returns the per-channel parameter gradients (dA, dD, dδ_bias),
+    (slots*channels, N) and (slots*channels,), summed over batch and segments."""
+    ph = prefix[0]
+    dev = ph.device
+    states = torch.empty(dims.batch * dims.slots * dims.channels * plan.nchunk * plan.np, device=dev,
+                         dtype=torch.float32)
+    seg_bufs = scan_forward(prefix, dims, plan, flags, states=states)
+    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, ATOMIC_DU=atomic_du, **flags)
+    rows = dims.batch * plan.nseg
+    f32 = dict(device=dev, dtype=torch.float32)
+    dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)
+    dD = torch.empty(rows, dims.slots * dims.channels, **f32)
+    dbias = torch.empty(rows, dims.slots * dims.channels, **f32)
+    grads = (*g, states, *du, *ddt, dz if dz is not None else ph, *dB, *dC, dA, dD, dbias)
+    if plan.nseg > 1:
+        q = torch.empty_like(seg_bufs[0])
+        sdl = seg_bufs[1]   # ΣΔ of segments 0..nseg-2 from the forward's end-state pass; DH_ONLY adds the last
+        # segment 0's carry is never used: segments 1..nseg-1
+        _scan_bwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
+            *prefix, *grads, q, sdl, *dims.scalars(plan), 1, DH_ONLY=True, SEG_CARRY=False, **common)
+    else:
+        q = sdl = ph
+    _scan_bwd_kernel[plan.grid(dims.slots, dims.batch)](
+        *prefix, *grads, q, sdl, *dims.scalars(plan), 0, DH_ONLY=False, SEG_CARRY=plan.nseg > 1, **common)
+    return dA.sum(0), dD.sum(0), dbias.sum(0)

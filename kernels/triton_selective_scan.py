@@ -30,38 +30,21 @@ def _input_args(u, delta, A, B4, C4, D, z, delta_bias, groups) -> tuple:
             delta_bias if delta_bias is not None else A, A, D if D is not None else A,
             B4, *B4.stride(), C4, *C4.stride(),
             z, *_strides4(z, groups),
-            A, 0, A)
+            A, 0, 0, A)
 
 
 def _bc4(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 4 else t.unsqueeze(1)
 
 
-def _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, out, states, last, store_states, write_out):
+def _setup(u, A, B4, D, z, delta_bias, softplus, backward):
     batch, dim, length = u.shape
     groups, n_state = B4.shape[1], A.shape[1]
-    dk = dim // groups
-    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=store_states and not write_out,
-                                          rows=batch * groups)
-    nchunk = _cdiv(length, bl)
-    if states is None:
-        states = u  # never touched: STORE_STATES is off
-    grid = (_cdiv(dk, bd), groups, batch)
-    zz = z if z is not None else u
-    core._scan_fwd_kernel[grid](
-        *_input_args(u, delta, A, B4, C4, D, zz, delta_bias, groups),
-        out if out is not None else u, *_strides4(out if out is not None else u, groups),
-        states, last,
-        groups, dk, length, n_state, 0, nchunk,
-        BD=bd, NP=np_, BL=bl, GATHER=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_OUT=False, WRITE_OUT=write_out,
-        STORE_STATES=store_states, WRITE_LAST=last is not None, num_warps=warps,
-    )
-    return bd, bl, nchunk
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    dims = core.ScanDims(batch, groups, dim // groups, length, n_state, 0)
+    plan = core.launch_plan(n_state, length, dims.channels, backward=backward, rows=batch * groups)
+    flags = dict(GATHER=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                 HAS_D=D is not None, HAS_Z=z is not None)
+    return dims, plan, flags
 
 
 @torch.library.custom_op("vm_unet::selective_scan_fwd", mutates_args=())
@@ -69,10 +52,13 @@ def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                        D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                        delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
     batch, dim, _ = u.shape
+    A, B4, C4 = A.contiguous(), _bc4(B), _bc4(C)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = torch.empty(batch, dim, A.shape[1], device=u.device, dtype=torch.float32)
-    _launch_fwd(u, delta, A.contiguous(), _bc4(B), _bc4(C), D, z, delta_bias, delta_softplus, out, None, last,
-                store_states=False, write_out=True)
+    dims, plan, flags = _setup(u, A, B4, D, z, delta_bias, delta_softplus, backward=False)
+    zz = z if z is not None else u
+    core.scan_forward(_input_args(u, delta, A, B4, C4, D, zz, delta_bias, dims.slots), dims, plan, flags,
+                      out=out, out_strides=_strides4(out, dims.slots), last=last)
     return out, last.to(u.dtype)
 
 
@@ -86,51 +72,26 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
                        B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                        delta_bias: Optional[torch.Tensor], delta_softplus: bool) -> list[torch.Tensor]:
     """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]; entries for absent inputs are empty tensors."""
-    batch, dim, length = u.shape
-    A = A.contiguous()
-    B4, C4 = _bc4(B), _bc4(C)
-    groups, n_state = B4.shape[1], A.shape[1]
-    dk = dim // groups
-    bd, np_, bl, warps = core.tile_config(n_state, length, dk, backward=True, rows=batch * groups)
-    nchunk = _cdiv(length, bl)
-    states = torch.empty(batch * dim * nchunk * np_, device=u.device, dtype=torch.float32)
-    _launch_fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, None, states, None,
-                store_states=True, write_out=False)
+    A, B4, C4 = A.contiguous(), _bc4(B), _bc4(C)
+    dims, plan, flags = _setup(u, A, B4, D, z, delta_bias, delta_softplus, backward=True)
     grad_out = grad_out.contiguous()
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(u.shape, device=u.device, dtype=z.dtype) if z is not None else None
-    nblk = _cdiv(dk, bd)
-    partial = core.bc_partial(nblk, B4.numel() * 4)
-    alloc = torch.empty if partial else torch.zeros
-    dB = alloc(((nblk,) if partial else (1,)) + tuple(B4.shape), device=u.device, dtype=torch.float32)
-    dC = alloc(dB.shape, device=u.device, dtype=torch.float32)
-    dA = torch.empty(batch, dim, n_state, device=u.device, dtype=torch.float32)
-    dD = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
-    dbias = torch.empty(batch, dim, device=u.device, dtype=torch.float32)
+    dB = torch.zeros(B4.shape, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
     zz = z if z is not None else u
-    dzz = dz if dz is not None else du
     if dz is not None and dz.stride() != zz.stride():
         zz = zz.contiguous()
-    grid = (nblk, groups, batch)
-    core._scan_bwd_kernel[grid](
-        *_input_args(u, delta, A, B4, C4, D, zz, delta_bias, groups),
-        grad_out, *_strides4(grad_out, groups),
-        states,
-        du, *_strides4(du, groups),
-        ddelta, *_strides4(ddelta, groups),
-        dzz,
-        dB, *dB.stride()[1:], dC, *dC.stride()[1:], dB.stride(0),
-        dA, dD, dbias, dA,
-        groups, dk, length, n_state, 0, nchunk,
-        BD=bd, NP=np_, BL=bl, RP=1, GATHER=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None, ATOMIC_DU=False, DDT_STORE=False,
-        BC_PARTIAL=partial, SHIFT_A=core.BWD_OPTS["shift_a"], num_warps=warps,
-    )
+    groups = dims.slots
+    dA, dD, dbias = core.scan_backward(
+        _input_args(u, delta, A, B4, C4, D, zz, delta_bias, groups), dims, plan, flags,
+        g=(grad_out, *_strides4(grad_out, groups)), du=(du, *_strides4(du, groups)), atomic_du=False,
+        ddt=(ddelta, *_strides4(ddelta, groups)), dz=dz, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()))
     # each absent gradient gets its own empty tensor: custom-op outputs may not alias each other
-    return [du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else u.new_empty(0), dz if dz is not None else u.new_empty(0),
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)]
+    return [du, ddelta, dA.to(A.dtype), dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),
+            dD.to(D.dtype) if D is not None else u.new_empty(0), dz if dz is not None else u.new_empty(0),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)]
 
 
 @selective_scan_bwd.register_fake

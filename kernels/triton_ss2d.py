@@ -15,15 +15,12 @@ any float dtype, fp32 compute, output in x's dtype.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
 from . import triton_scan_core as core
 from .routes import route_indices
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,133 +77,112 @@ def _prep(x, dt_low, B, C, dt_weight, lay):
     return (_two_layouts(x, h, w, lay), *per_dir, dt_weight.contiguous(), b, d, h, w, k, r, L)
 
 
-def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, idx, kmap) -> tuple:
+def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device) -> tuple:
+    """(idx, batch stride, direction stride, kmap, lay) for a named route or an index map (K, L) / (b, K, L)."""
+    if order is None:
+        idx, kmap, lay = _route_plan(route, h, w, str(device))
+        return idx, 0, idx.stride(0), kmap, lay
+    # per-sample maps (data-dependent routes): read as given, no transposed layout
+    idx = order.to(device=device, dtype=torch.int32).contiguous()
+    k = idx.shape[-2]
+    return (idx, idx.stride(0) if idx.dim() == 3 else 0, idx.stride(-2),
+            torch.zeros(k, device=device, dtype=torch.int32), (0,) * k)
+
+
+def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple:
     """The argument prefix the forward and backward kernels share: x read through the route map (slot-major
     layouts from ``_prep``), low-rank Δ with its dt_proj weights, B, C; no z gate in SS2D (placeholder)."""
+    idx, s_ib, s_ik, kmap = maps[:4]
     return (xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
             lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
             W, W.stride(0), W.stride(1),
             dt_bias, A, Ds,
             Bs, *Bs.stride(), Cs, *Cs.stride(),
             xx, 0, 0, 0, 0,
-            idx, idx.stride(0), kmap)
+            idx, s_ib, s_ik, kmap)
 
 
-def _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, out, states, b, d, k, r, n, L, backward):
-    bd, np_, bl, warps = core.tile_config(n, L, d, backward=backward, rows=b * k)
-    nchunk = _cdiv(L, bl)
-    grid = (_cdiv(d, bd), k, b)
-    core._scan_fwd_kernel[grid](
-        *_input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, idx, kmap),
-        out if out is not None else xx, xx.stride(1), xx.stride(0), L, 1,
-        states if states is not None else xx, xx,
-        k, d, L, n, r, nchunk,
-        BD=bd, NP=np_, BL=bl, GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True,
-        HAS_Z=False, ATOMIC_OUT=True, WRITE_OUT=out is not None, STORE_STATES=states is not None,
-        WRITE_LAST=False, num_warps=warps,
-    )
+_FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False)
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
 def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
-             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str) -> torch.Tensor:
-    idx, kmap, lay = _route_plan(route, x.shape[-2], x.shape[-1], str(x.device))
-    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
+             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str,
+             order: Optional[torch.Tensor]) -> torch.Tensor:
+    maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
+    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps[4])
     n = A.shape[1]
     out = torch.zeros(xx.shape, device=x.device, dtype=torch.float32)
-    _launch_fwd(xx, lows, Bs, Cs, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), idx, kmap, out, None,
-                b, d, k, r, n, L, backward=False)
+    dims = core.ScanDims(b, k, d, L, n, r)
+    plan = core.launch_plan(n, L, d, backward=False, rows=b * k)
+    core.scan_forward(_input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps),
+                      dims, plan, _FLAGS, out=out, out_strides=(out.stride(1), out.stride(0), L, 1), atomic_out=True)
     return _merge_slots(out, h, w).to(x.dtype)
 
 
 @ss2d_fwd.register_fake
-def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route):
+def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
 def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
-             route: str) -> list[torch.Tensor]:
+             route: str, order: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]."""
-    idx, kmap, lay = _route_plan(route, x.shape[-2], x.shape[-1], str(x.device))
+    maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
+    lay = maps[4]
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
     n = A.shape[1]
-    dt_bias, A, Ds = dt_bias.contiguous(), A.contiguous(), Ds.contiguous()
-    bd, np_, bl, warps = core.tile_config(n, L, d, backward=True, rows=b * k)
-    nchunk = _cdiv(L, bl)
-    states = torch.empty(b * k * d * nchunk * np_, device=x.device, dtype=torch.float32)
-    _launch_fwd(xx, lows, Bs, Cs, W, dt_bias, A, Ds, idx, kmap, None, states, b, d, k, r, n, L, backward=True)
+    prefix = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
     g = _two_layouts(grad, h, w, lay)
     f32 = dict(device=x.device, dtype=torch.float32)
-    nblk = _cdiv(d, bd)
-    ddt_store = core.BWD_OPTS["ddt_store"]
-    partial = core.bc_partial(nblk, b * k * n * L * 4)
     dx = torch.zeros(xx.shape, **f32)
-    if ddt_store:
-        ddt = torch.empty(b, k, d, L, **f32)       # dΔ in each direction's read layout (same as lows)
-    else:
-        ddt = torch.zeros(b, k, r, L, **f32)       # d dt_low, atomics; the d-stride below is the r-stride
-    dB = (torch.empty if partial else torch.zeros)((nblk if partial else 1) * b * k * n * L, **f32)
-    dC = (torch.empty if partial else torch.zeros)(dB.shape, **f32)
-    s4 = (k * n * L, n * L, L, 1)
-    dA = torch.empty(b, k * d, n, **f32)
-    dD = torch.empty(b, k * d, **f32)
-    dbias = torch.empty(b, k * d, **f32)
-    dW = torch.empty(b, k * d, r, **f32)
-    grid = (nblk, k, b)
-    core._scan_bwd_kernel[grid](
-        *_input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, idx, kmap),
-        g, g.stride(1), g.stride(0), g.stride(2), g.stride(3),
-        states,
-        dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3),
-        ddt, *ddt.stride(),
-        dx,
-        dB, *s4, dC, *s4, b * k * n * L,
-        dA, dD, dbias, dW,
-        k, d, L, n, r, nchunk,
-        BD=bd, NP=np_, BL=bl, RP=core.next_pow2(r), GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True,
-        SOFTPLUS=True, HAS_D=True, HAS_Z=False, ATOMIC_DU=True, DDT_STORE=ddt_store, BC_PARTIAL=partial,
-        SHIFT_A=core.BWD_OPTS["shift_a"], num_warps=warps,
-    )
-    dB = dB.view(-1, b, k, n, L).sum(0)
-    dC = dC.view(-1, b, k, n, L).sum(0)
-    if ddt_store:
-        # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
-        dlow = torch.matmul(W.float().transpose(1, 2), ddt)                                # (b, k, r, L)
-        dWt = torch.matmul(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L).transpose(1, 2))
-        dWsum = dWt.view(b, k, d, r).sum(0)
-    else:
-        dlow = ddt
-        dWsum = dW.sum(0).view(k, d, r)
+    ddt = torch.empty(b, k, d, L, **f32)       # dΔ in each direction's read layout (same as lows)
+    dB = torch.zeros(b, k, n, L, **f32)
+    dC = torch.zeros(b, k, n, L, **f32)
+    dims = core.ScanDims(b, k, d, L, n, r)
+    plan = core.launch_plan(n, L, d, backward=True, rows=b * k)
+    dA, dD, dbias = core.scan_backward(
+        prefix, dims, plan, _FLAGS,
+        g=(g, g.stride(1), g.stride(0), g.stride(2), g.stride(3)),
+        du=(dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3)), atomic_du=True,
+        ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()))
+    # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
+    dlow = torch.matmul(W.float().transpose(1, 2), ddt)                                # (b, k, r, L)
+    dW = torch.matmul(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L).transpose(1, 2))
+    dW = dW.view(b, k, d, r).sum(0)
     # back from each direction's read layout to image layout
     dlow, dB, dC = (_swap(t, lay, w, h) for t in (dlow, dB, dC))
     return [_merge_slots(dx, h, w).to(x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
             dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
-            dWsum.view(dt_weight.shape).to(dt_weight.dtype), dbias.sum(0).view(dt_bias.shape).to(dt_bias.dtype),
-            dA.sum(0).to(A.dtype), dD.sum(0).to(Ds.dtype)]
+            dW.view(dt_weight.shape).to(dt_weight.dtype), dbias.view(dt_bias.shape).to(dt_bias.dtype),
+            dA.to(A.dtype), dD.to(Ds.dtype)]
 
 
 @ss2d_bwd.register_fake
-def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route):
+def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order):
     return [torch.empty_like(t, memory_format=torch.contiguous_format)
             for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:-1])
-    ctx.route = inputs[-1]
+    ctx.save_for_backward(*inputs[:8], inputs[9])
+    ctx.route = inputs[8]
 
 
 def _backward(ctx, grad):
-    x, dt_low, B, C, dt_weight, dt_bias, A, Ds = ctx.saved_tensors
-    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route), None)
+    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, order = ctx.saved_tensors
+    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route, order), None, None)
 
 
 ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
-    """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``)."""
-    # the route's index maps are resolved (and cached) inside the op, so torch.compile never traces them
-    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
+    """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``): a route name,
+    or an index map (K, H*W) / (b, K, H*W) such as a quadtree model's per-sample order."""
+    if isinstance(route, torch.Tensor):
+        return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, "", route)
+    # a named route's index maps are resolved (and cached) inside the op, so torch.compile never traces them
+    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, None)

@@ -35,6 +35,8 @@ except Exception:  # noqa: BLE001
 SHAPES = [
     ("s1-256", 32, 192, 64, 6), ("s2-256", 32, 384, 32, 12), ("s3-256", 32, 768, 16, 24),
     ("s4-256", 32, 1536, 8, 48), ("s1-1024", 8, 192, 256, 6), ("s1-2048", 2, 192, 512, 6),
+    # the whole-model benchmark's batches at 1024² and 2048² (issue 7)
+    ("s1-1024b2", 2, 192, 256, 6), ("s1-2048b1", 1, 192, 512, 6),
 ]
 
 
@@ -166,43 +168,25 @@ def sweep(copy_gbs):
     return rows
 
 
-# backward variants (core.BWD_OPTS) x backward tiles; "old" is the kernel before the dΔ-store / partials / shift
-BWD_VARIANTS = {
-    "old": dict(ddt_store=False, bc_partial_blocks=0, shift_a=False),
-    "ddt": dict(ddt_store=True, bc_partial_blocks=0, shift_a=False),
-    "ddt+shift": dict(ddt_store=True, bc_partial_blocks=0, shift_a=True),
-    "ddt+partial": dict(ddt_store=True, bc_partial_blocks=256, bc_partial_bytes=1 << 33, shift_a=False),
-    "ddt+partial+shift": dict(ddt_store=True, bc_partial_blocks=256, bc_partial_bytes=1 << 33, shift_a=True),
-}
-
-
-def variants(shape_names, tiles):
-    """Fused SS2D fwd+bwd (N=16) per backward variant and backward tile (BD, BL, warps); fwd tiles default."""
+def segments(shape_names, counts):
+    """Fused SS2D fwd and fwd+bwd (N=16, fp32 and bf16) per forced segment count of L ("auto" = launch_plan)."""
     rows = []
-    saved = dict(core.BWD_OPTS)
     for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
         for dtype in (torch.float32, torch.bfloat16):
+            args = make_inputs(b, d, hw, r, 16, dtype)
             gargs = make_inputs(b, d, hw, r, 16, dtype, requires_grad=True)
-            first = name == shape_names[0] and dtype == torch.float32
-            for vname, opts in BWD_VARIANTS.items():
-                if not first and vname not in ("old", "ddt+shift", "ddt+partial+shift"):
-                    continue
-                sweep_tiles = first and vname in ("ddt+shift", "ddt+partial+shift")
-                for tile in [None] + (tiles if sweep_tiles else []):
-                    core.BWD_OPTS = dict(saved, **opts)
-                    core.TILE_OVERRIDE = {"bwd": tile} if tile else None
-                    try:
-                        ms = time_fwd_bwd(ss2d_core_triton, gargs)
-                    except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
-                        ms = float("nan")
-                        print("  failed", vname, tile, type(e).__name__, str(e)[:200])
-                    rows.append({"shape": name, "dtype": str(dtype).split(".")[-1], "variant": vname,
-                                 "bwd_tile": tile, "fwdbwd_ms": ms})
-                    print(f"variant {name} {rows[-1]['dtype']:8s} {vname:18s} bwd tile {tile}: fwd+bwd {ms:.3f} ms",
-                          flush=True)
-            del gargs
+            for nseg in counts:
+                core.TILE_OVERRIDE = None if nseg == "auto" else {"segments": int(nseg)}
+                f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
+                fb = time_fwd_bwd(ss2d_core_triton, gargs)
+                plans = [core.launch_plan(16, hw * hw, d, backward=bw, rows=b * 4) for bw in (False, True)]
+                rows.append({"shape": name, "dtype": str(dtype).split(".")[-1], "segments": nseg,
+                             "fwd_nseg": plans[0].nseg, "bwd_nseg": plans[1].nseg, "fwd_ms": f, "fwdbwd_ms": fb})
+                print(f"segments {name} {rows[-1]['dtype']:8s} {nseg!s:>5} (fwd {plans[0].nseg}, bwd "
+                      f"{plans[1].nseg}): fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms", flush=True)
+            del args, gargs
             torch.cuda.empty_cache()
-    core.BWD_OPTS, core.TILE_OVERRIDE = saved, None
+    core.TILE_OVERRIDE = None
     return rows
 
 
@@ -211,8 +195,8 @@ def main():
     p.add_argument("--sweep", action="store_true", help="time tile configs at stage-1 256² first")
     p.add_argument("--check", action="store_true", help="check fused SS2D vs float64 reference at real shapes")
     p.add_argument("--shapes", default="all", help="comma list of shape names or 'all'")
-    p.add_argument("--variants", default=None, help="comma list of shapes: time the backward variants there")
-    p.add_argument("--tiles", default="16,4,1;32,4,1;16,8,1", help="backward tiles for --variants")
+    p.add_argument("--segments", default=None, help="comma list of shapes: time forced segment counts of L there")
+    p.add_argument("--counts", default="1,2,4,8,16,32,64,auto", help="segment counts for --segments")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -233,9 +217,8 @@ def main():
                 print("check", c, flush=True)
     if a.sweep:
         result["sweep"] = sweep(copy_gbs)
-    if a.variants:
-        tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles.split(";") if t]
-        result["variants"] = variants(a.variants.split(","), tiles)
+    if a.segments:
+        result["segments"] = segments(a.segments.split(","), a.counts.split(","))
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(result, f, indent=1)

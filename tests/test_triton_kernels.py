@@ -153,23 +153,27 @@ def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, monkeypatch):
                  monkeypatch=monkeypatch)
 
 
-# every backward variant (dΔ stored + host matmuls or in-kernel rank atomics; dB/dC per-block slices or atomics;
-# a_{l+1} shifted in registers or recomputed), with several channel blocks and chunks (BD=2, BL=4)
-BWD_VARIANTS = [
-    dict(ddt_store=True, bc_partial_blocks=8, shift_a=True),
-    dict(ddt_store=False, bc_partial_blocks=0, shift_a=False),
-    dict(ddt_store=True, bc_partial_blocks=0, shift_a=True),
-]
-
-
+# L split into segments (the two-pass scan used when few programs would walk all of L): forced segment counts
+# with several channel blocks and chunks (BD=2, BL=4), segments of unequal length (L=9 -> 3 chunks), one segment
+# per chunk, and more segments than chunks (clamped)
 @cpu_only
-@pytest.mark.parametrize("opts", BWD_VARIANTS)
-def test_backward_variants(opts, monkeypatch):
+@pytest.mark.parametrize("segments", [2, 3, 7])
+def test_segmented_scan_matches_reference(segments, monkeypatch):
     from vm_unet.kernels import triton_scan_core as core
-    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1)})
-    monkeypatch.setattr(core, "BWD_OPTS", dict(core.BWD_OPTS, **opts))
-    compare_ss2d(ss2d_inputs(1, 3, 3, 4, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": segments})
+    compare_ss2d(ss2d_inputs(2, 3, 3, 5, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
     compare_scan(scan_inputs(1, 6, 9, 4, 2, torch.float32), softplus=True, tol=1e-5)
+
+
+def test_launch_plan_segments_only_when_the_grid_is_small(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    big = core.launch_plan(16, 4096, 192, backward=False, rows=32 * 4 * 8)
+    assert big.nseg == 1 and big.cps == big.nchunk
+    long = core.launch_plan(16, 512 * 512, 192, backward=True, rows=1 * 4)
+    assert long.nseg > 1 and long.nblk * long.nseg * 4 >= core.SEGMENT_OPTS["target_programs"]
+    assert long.cps >= core.SEGMENT_OPTS["min_chunks"] and (long.nseg - 1) * long.cps < long.nchunk
 
 
 @routes.register_route("test_random_pair")
@@ -183,6 +187,20 @@ def _random_pair(h, w):
 def test_ss2d_generic_route(monkeypatch):
     compare_ss2d(ss2d_inputs(1, 3, 4, 5, 2, 4, torch.float32, k=2), "test_random_pair", 1e-5,
                  monkeypatch=monkeypatch)
+
+
+@cpu_only
+@pytest.mark.parametrize("segments", [1, 2])
+def test_ss2d_per_sample_index_maps(segments, monkeypatch):
+    """Data-dependent routes (quadtree) pass one map per batch element; the fused kernel reads each sample's own."""
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": segments})
+    g = torch.Generator().manual_seed(3)
+    b, h, w = 2, 3, 4
+    order = torch.stack([torch.randperm(h * w, generator=g) for _ in range(b)])
+    maps = torch.stack([order, order.flip(-1)], dim=1)                  # (b, 2, L), as QuadtreePlan builds it
+    compare_ss2d(ss2d_inputs(b, 3, h, w, 2, 4, torch.float32, k=2), maps, 1e-5, monkeypatch=monkeypatch)
+    compare_ss2d(ss2d_inputs(b, 3, h, w, 2, 4, torch.float32, k=2, seed=1), maps[0], 1e-5, monkeypatch=monkeypatch)
 
 
 @cpu_only
@@ -220,7 +238,11 @@ def test_opcheck_fake_and_autograd_registration():
     from vm_unet.kernels.triton_ss2d import _route_plan
     _, _, lay = _route_plan("cross", 2, 3, "cpu")
     assert lay == (0, 1, 0, 1)  # column routes read the transposed copy
-    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross"),
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross", None),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    order = torch.stack([torch.randperm(6), torch.randperm(6)])[None]     # (b=1, K=2, L) per-sample map
+    args2 = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32, k=2)
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args2, "", order),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     s = scan_inputs(1, 2, 5, 2, 0, torch.float32)
     opcheck(torch.ops.vm_unet.selective_scan_fwd.default, (*s, True),
