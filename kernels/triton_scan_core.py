@@ -44,6 +44,19 @@ def _combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    # ex2.approx.ftz: one MUFU instruction. Plain exp/exp2 add a denormal fix-up (compare, two multiplies) around
+    # it, which made up a third of the forward's instructions; flushing subnormal decays to 0 changes nothing here
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return tl.exp2(x)
+
+
 @triton.jit
 def _softplus(x):
     # max(x, 0) + log1p(exp(-|x|)); log1p via Goldberg's correction (no libdevice needed, exact for tiny t).
@@ -100,13 +113,14 @@ def _delta(pre, mask, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A, NP: tl.constexpr, BD: tl.constexpr):
+def _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A2, NP: tl.constexpr, BD: tl.constexpr,
+              FAST_EXP: tl.constexpr):
     """Start state of segment ``seg``: fold the earlier segments' zero-start end states through their decays."""
     h = tl.zeros([NP, BD], dtype=tl.float32)
     for t in range(0, seg):
         he = tl.load(hend_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
         sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
-        h = tl.exp(A * sd[None, :]) * h + he
+        h = _exp2(A2 * sd[None, :], FAST_EXP) * h + he
     return h
 
 
@@ -128,6 +142,7 @@ def _scan_fwd_kernel(
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     nblk = tl.cdiv(DK, BD)
     pid_d = tl.program_id(0) % nblk
@@ -157,6 +172,7 @@ def _scan_fwd_kernel(
     # unknown), so the default layout puts lanes on channels then states: the scan over axis 0 stays inside each
     # thread and the sum over states needs few shuffles (the cross-lane scan's shuffles were the main cost)
     A = tl.load(A_ptr + ch[None, :] * N + n[:, None], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    A2 = A * LOG2E   # decays as exp2(Δ·A·log2 e)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     else:
@@ -166,7 +182,7 @@ def _scan_fwd_kernel(
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
     if SEG_CARRY:
-        h = _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A, NP, BD)
+        h = _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A2, NP, BD, FAST_EXP)
     else:
         h = tl.zeros([NP, BD], dtype=tl.float32)
     sdl = tl.zeros([BD], dtype=tl.float32)
@@ -186,10 +202,12 @@ def _scan_fwd_kernel(
             sdl += tl.sum(dl, axis=0)
         nl = lmask[:, None] & nmask[None, :]
         Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
-        a = tl.exp(dl[:, None, :] * A[None, :, :])
+        a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         bx = (dl * u)[:, None, :] * Bt[:, :, None]
-        P, Hs = tl.associative_scan((a, bx), 0, _combine)
-        hs = P * h[None, :, :] + Hs
+        # the carried state enters as part of the first row's input (h_0 = a_0 h + b_0), so the scan's running
+        # product of a is dead code and the in-thread scan is one FMA per element
+        bx = tl.where((j == 0)[:, None, None], bx + a * h[None, :, :], bx)
+        _, hs = tl.associative_scan((a, bx), 0, _combine)
         # state after the chunk = its last row (padded steps kept it unchanged)
         h = tl.sum(tl.where((j == BL - 1)[:, None, None], hs, 0.0), axis=0)
         if WRITE_OUT:
@@ -236,7 +254,7 @@ def _scan_bwd_kernel(
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
-    SEG_CARRY: tl.constexpr,
+    SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
     nblk = tl.cdiv(DK, BD)
     pid_d = tl.program_id(0) % nblk
@@ -269,6 +287,7 @@ def _scan_bwd_kernel(
     # tiles [BL, NP, BD] as in the forward kernel: scans stay inside threads, lanes run over channels/states
     An = nmask[:, None] & dmask[None, :]
     A = tl.load(A_ptr + ch[None, :] * N + n[:, None], mask=An, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     else:
@@ -283,11 +302,11 @@ def _scan_bwd_kernel(
     # product a·dh is carried whole in dh_next (a_next = 1): G = Σ over later segments of their decayed q.
     dh_next = tl.zeros([NP, BD], dtype=tl.float32)
     if SEG_CARRY:
-        for i in range(0, NSEG - 1 - seg):
-            t = NSEG - 1 - i
+        for si in range(0, NSEG - 1 - seg):
+            t = NSEG - 1 - si
             qv = tl.load(q_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
             sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
-            dh_next = qv + tl.exp(A * sd[None, :]) * dh_next
+            dh_next = qv + _exp2(A2 * sd[None, :], FAST_EXP) * dh_next
     a_next = tl.full([NP, BD], 1.0, dtype=tl.float32)
     dA_acc = tl.zeros([NP, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
@@ -305,7 +324,7 @@ def _scan_bwd_kernel(
         pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
         dl = _delta(pre, m2, SOFTPLUS)
         Ct = tl.load(C_base + pos[:, None] * s_Cl + n[None, :] * s_Cn, mask=nl, other=0.0).to(tl.float32)
-        a = tl.exp(dl[:, None, :] * A[None, :, :])
+        a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         g = tl.load(g_base + pos[:, None] * s_gl + d[None, :] * s_gd, mask=m2, other=0.0).to(tl.float32)
         if DH_ONLY:
             sdl += tl.sum(dl, axis=0)
@@ -315,9 +334,9 @@ def _scan_bwd_kernel(
             Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
             dlu = dl * u
             bx = dlu[:, None, :] * Bt[:, :, None]
-            P, Hs = tl.associative_scan((a, bx), 0, _combine)
             h0 = tl.load(st_base + c * NP, mask=dmask[None, :], other=0.0)
-            hs = P * h0[None, :, :] + Hs
+            _, hs = tl.associative_scan((a, tl.where((j == 0)[:, None, None], bx + a * h0[None, :, :], bx)), 0,
+                                        _combine)
         if HAS_Z:
             zoff = pos[:, None] * s_zl + d[None, :] * s_zd
             zt = tl.load(z_base + zoff, mask=m2, other=0.0).to(tl.float32)
@@ -328,16 +347,18 @@ def _scan_bwd_kernel(
                 tl.store(dz_base + zoff, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             g = g * zt * sig
 
-        # a_{l+1}: a shifted by one row, taken from this chunk's a (in-thread selects: the scanned axis lives in
-        # each thread's registers) and the next chunk's first row, kept from the previous (reverse) iteration
-        a1 = tl.where((j == BL - 1)[:, None, None], a_next[None, :, :], 0.0)
+        # dh past the chunk enters through the last row (dh_last = C g + a_{l+1} dh_next), as the carried state
+        # does in the forward; the scan's running product is then dead code
+        cg = Ct[:, :, None] * g[:, None, :]
+        cg = tl.where((j == BL - 1)[:, None, None], cg + a_next[None, :, :] * dh_next[None, :, :], cg)
+        # a_{l+1} for the other rows: a shifted by one row, in-thread selects (the scanned axis lives in each
+        # thread's registers); the last row's is folded above. a_next: this chunk's first row, for the next one
+        a1 = tl.zeros([BL, NP, BD], dtype=tl.float32)
         for i in tl.static_range(BL - 1):
             arow = tl.sum(tl.where((j == i + 1)[:, None, None], a, 0.0), axis=0)
             a1 = tl.where((j == i)[:, None, None], arow[None, :, :], a1)
         a_next = tl.sum(tl.where((j == 0)[:, None, None], a, 0.0), axis=0)
-        cg = Ct[:, :, None] * g[:, None, :]
-        Q, S = tl.associative_scan((a1, cg), 0, _combine, reverse=True)
-        dh = Q * dh_next[None, :, :] + S
+        _, dh = tl.associative_scan((a1, cg), 0, _combine, reverse=True)
         dh_next = tl.sum(tl.where((j == 0)[:, None, None], dh, 0.0), axis=0)
 
         if not DH_ONLY:
@@ -461,6 +482,10 @@ class ScanDims:
         return (self.slots, self.channels, self.length, self.n_state, self.rank, plan.nchunk, plan.nseg, plan.cps)
 
 
+def _fast_exp() -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1"   # inline PTX cannot run in the CPU interpreter
+
+
 def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
@@ -473,7 +498,7 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers."""
     ph = prefix[0]  # placeholder for pointers a variant never touches
     seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
-    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, **flags)
+    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, FAST_EXP=_fast_exp(), **flags)
     if plan.nseg > 1:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
@@ -499,7 +524,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     states = torch.empty(dims.batch * dims.slots * dims.channels * plan.nchunk * plan.np, device=dev,
                          dtype=torch.float32)
     seg_bufs = scan_forward(prefix, dims, plan, flags, states=states)
-    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, ATOMIC_DU=atomic_du, **flags)
+    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, ATOMIC_DU=atomic_du,
+                  FAST_EXP=_fast_exp(), **flags)
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)

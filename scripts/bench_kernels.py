@@ -190,6 +190,24 @@ def segments(shape_names, counts):
     return rows
 
 
+def profile_ops(shape_name, dtype=torch.float32):
+    """CUDA time per kernel of one fused SS2D fwd+bwd (torch.profiler), to see what besides the scan costs."""
+    name, b, d, hw, r = next(s for s in SHAPES if s[0] == shape_name)
+    gargs = make_inputs(b, d, hw, r, 16, dtype, requires_grad=True)
+    y = ss2d_core_triton(*gargs)
+    g = torch.randn_like(y)
+    for _ in range(3):
+        ss2d_core_triton(*gargs).backward(g)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            ss2d_core_triton(*gargs).backward(g)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    print(f"profile {name} {dtype} (5 fwd+bwd)\n{table}", flush=True)
+    return table
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="time tile configs at stage-1 256² first")
@@ -197,6 +215,7 @@ def main():
     p.add_argument("--shapes", default="all", help="comma list of shape names or 'all'")
     p.add_argument("--segments", default=None, help="comma list of shapes: time forced segment counts of L there")
     p.add_argument("--counts", default="1,2,4,8,16,32,64,auto", help="segment counts for --segments")
+    p.add_argument("--profile", default=None, help="a shape name: per-kernel CUDA times of fused fwd+bwd there")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -217,6 +236,8 @@ def main():
                 print("check", c, flush=True)
     if a.sweep:
         result["sweep"] = sweep(copy_gbs)
+    if a.profile:
+        result["profile"] = profile_ops(a.profile)
     if a.segments:
         result["segments"] = segments(a.segments.split(","), a.counts.split(","))
         if a.out:
