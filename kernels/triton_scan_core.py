@@ -409,10 +409,11 @@ def cdiv(a: int, b: int) -> int:
 # sweep tiles or force a segment count.
 TILE_OVERRIDE: dict | None = None
 
-# Segments (parallel over L): used when the (batch, slot, channel-block) programs alone are fewer than
-# target_programs, with at least min_chunks chunks per segment (the carry prologue and the extra pass cost about
-# one segment's worth of chunks, so short segments do not pay).
-SEGMENT_OPTS = {"target_programs": 4096, "min_chunks": 32}
+# Segments (parallel over L) cost an extra pass (~0.6x the work), so they are used only when the (batch, slot,
+# channel-block) programs alone are fewer than below_programs; then enough segments for target_programs, with at
+# least min_chunks chunks each. Measured on H200 (BENCHMARKS.md, fused SS2D stage 1, N=16): 1536 one-warp programs
+# (256² b32) already fill the GPU (2 segments: 2.0 -> 3.2 ms), 96 (1024² b2) do not (43 segments: 22 -> 3.9 ms).
+SEGMENT_OPTS = {"below_programs": 1024, "target_programs": 4096, "min_chunks": 32}
 
 
 @dataclass(frozen=True)
@@ -461,7 +462,7 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
         nseg = 1
     else:
         programs = rows * nblk
-        want = cdiv(SEGMENT_OPTS["target_programs"], programs)
+        want = cdiv(SEGMENT_OPTS["target_programs"], programs) if programs < SEGMENT_OPTS["below_programs"] else 1
         nseg = max(1, min(want, nchunk // SEGMENT_OPTS["min_chunks"]))
     nseg = max(1, min(nseg, nchunk))
     cps = cdiv(nchunk, nseg)
