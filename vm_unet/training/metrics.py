@@ -43,27 +43,37 @@ class SegMetrics:
     def reset(self):
         self.rows: list[dict] = []
         self.conf = torch.zeros(self.n, 4, dtype=torch.float64)  # per class: TP, FP, FN, TN
+        for m in (self.dice, self.iou, self.hd):
+            m.reset()   # MONAI's metrics also keep every call's result; we only use the returned values
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, names: list[str], cases: list[str] | None = None):
-        """``pred``/``target``: (B, H, W) or (B, X, Y, Z) class indices (same size)."""
-        pred, target = pred.detach().cpu().long(), target.detach().cpu().long()
+        """``pred``/``target``: (B, H, W) or (B, X, Y, Z) class indices (same size).
+
+        Dice, IoU and the confusion counts are computed where ``pred`` lives (the GPU during training: copying
+        full masks to the host and reducing them there was the slowest part of validation, badly so with several
+        jobs sharing the CPU); only the per-item numbers come back. HD95 runs on the host (distance transforms).
+        """
+        pred, target = pred.detach().long(), target.detach().long().to(pred.device)
         p1, t1 = one_hot(pred, self.n), one_hot(target, self.n)
         dice = self.dice(p1, t1).double()
         iou = self.iou(p1, t1).double()
         if self.hd95:
+            p1c, t1c = p1.cpu(), t1.cpu()
             with warnings.catch_warnings():  # MONAI warns for every empty prediction/label; we report NaN instead
                 warnings.simplefilter("ignore")
-                hd = self.hd(p1, t1).double()
-            empty = (p1[:, 1:].flatten(2).sum(-1) == 0) | (t1[:, 1:].flatten(2).sum(-1) == 0)  # HD undefined
+                hd = self.hd(p1c, t1c).double()
+            empty = (p1c[:, 1:].flatten(2).sum(-1) == 0) | (t1c[:, 1:].flatten(2).sum(-1) == 0)  # HD undefined
             hd[empty] = float("nan")
         else:
-            hd = torch.full_like(dice, float("nan"))
+            hd = torch.full(dice.shape, float("nan"), dtype=torch.float64)
         dims = (0, *range(2, p1.ndim))
         tp = (p1 * t1).sum(dims).double()
         fp = (p1 * (1 - t1)).sum(dims).double()
         fn = ((1 - p1) * t1).sum(dims).double()
         tn = ((1 - p1) * (1 - t1)).sum(dims).double()
-        self.conf += torch.stack([tp, fp, fn, tn], 1)
+        self.conf += torch.stack([tp, fp, fn, tn], 1).cpu()
+        gt_pixels, pred_pixels = t1.flatten(2).sum(-1).long().cpu(), p1.flatten(2).sum(-1).long().cpu()
+        dice, iou, hd = dice.cpu(), iou.cpu(), hd.cpu()
         for b in range(pred.shape[0]):
             row = {"name": names[b], "case": (cases or names)[b]}
             for c in range(1, self.n):
@@ -71,8 +81,8 @@ class SegMetrics:
                 row[f"dice{suf}"] = float(dice[b, c - 1])
                 row[f"iou{suf}"] = float(iou[b, c - 1])
                 row[f"hd95{suf}"] = float(hd[b, c - 1])
-                row[f"gt_pixels{suf}"] = int(t1[b, c].sum())
-                row[f"pred_pixels{suf}"] = int(p1[b, c].sum())
+                row[f"gt_pixels{suf}"] = int(gt_pixels[b, c])
+                row[f"pred_pixels{suf}"] = int(pred_pixels[b, c])
             if self.n > 2:
                 row["dice"] = float(np.mean([row[f"dice_{self.class_names[c]}"] for c in range(1, self.n)]))
                 row["iou"] = float(np.mean([row[f"iou_{self.class_names[c]}"] for c in range(1, self.n)]))
