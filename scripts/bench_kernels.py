@@ -143,17 +143,17 @@ def check(dtype, n, name, b, d, hw, r):
 
 
 def sweep(copy_gbs):
-    """Tile configs (BD, BL, warps) of the fused SS2D fwd and fwd+bwd at stage-1 256² b32."""
+    """Tile configs (BD, BL, warps) of the fused SS2D fwd and fwd+bwd at stage-1 256² b32 (one segment)."""
     rows = []
     name, b, d, hw, r = SHAPES[0]
     for n in (16, 1):
         for dtype in (torch.float32,):
             args = make_inputs(b, d, hw, r, n, dtype)
             gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-            cfgs = ([(8, 4, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (32, 8, 2), (64, 4, 2), (32, 2, 1)] if n == 16 else
+            cfgs = ([(8, 4, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (8, 8, 1), (16, 16, 1), (32, 8, 2)] if n == 16 else
                     [(4, 64, 1), (8, 64, 2), (32, 64, 1), (32, 16, 1), (64, 16, 2), (128, 8, 4)])
             for cfg in cfgs:
-                core.TILE_OVERRIDE = {"fwd": cfg, "bwd": cfg}
+                core.TILE_OVERRIDE = {"fwd": cfg, "bwd": cfg, "segments": 1}   # tiles alone, L not split
                 try:
                     f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
                     fb = time_fwd_bwd(ss2d_core_triton, gargs)
