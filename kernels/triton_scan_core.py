@@ -447,9 +447,9 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
         # measured on H200 (BENCHMARKS.md, fused SS2D stage-1 256² b32, N=1): best fwd and fwd+bwd
         bd, bl, warps = 4, 64, 1
     else:
-        # N=16 measured best (one warp, no cross-warp barriers): fwd BD=16, BL=8; bwd BD=8, BL=4 (its dB/dC/dΔ
-        # reductions over channels cross lanes, so fewer channels per program pay off there)
-        bd, bl = (8, 4) if backward else (16, 8)
+        # N=16 measured best (one warp, no cross-warp barriers; BENCHMARKS.md tile sweep): fwd BD=16, BL=8; bwd
+        # BD=8, BL=8 (its dB/dC/dΔ reductions over channels cross lanes, so fewer channels per program pay off)
+        bd, bl = (8, 8) if backward else (16, 8)
         bd = max(1, bd * 16 // np_)
         warps = 1
     bd = max(1, min(bd, next_pow2(channels)))
