@@ -113,6 +113,22 @@ def _delta(pre, mask, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD: tl.constexpr, NP: tl.constexpr,
+                  BL: tl.constexpr, KMAP: tl.constexpr):
+    """What a program owns (both kernels): grid axis 0 = channel block + segment, 1 = slot k, 2 = batch b."""
+    nblk = tl.cdiv(DK, BD)
+    seg = tl.program_id(0) // nblk + SEG0
+    k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31 elements at 2048² inputs
+    d = (tl.program_id(0) % nblk) * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    # KMAP: slot of the channel-major tensors (u, out, g, du) is kmap[k], e.g. the transposed copy for column routes
+    ku = tl.load(kmap_ptr + k) if KMAP else k
+    return (seg, k, b, d, n, tl.arange(0, BL), d < DK, n < N, k * DK + d, ku, idx_ptr + b * s_ib + k * s_ik,
+            (b * K + k) * NSEG)
+
+
+@triton.jit
 def _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A2, NP: tl.constexpr, BD: tl.constexpr,
               FAST_EXP: tl.constexpr):
     """Start state of segment ``seg``: fold the earlier segments' zero-start end states through their decays."""
@@ -144,20 +160,8 @@ def _scan_fwd_kernel(
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
     FAST_EXP: tl.constexpr,
 ):
-    nblk = tl.cdiv(DK, BD)
-    pid_d = tl.program_id(0) % nblk
-    seg = tl.program_id(0) // nblk + SEG0
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31 elements at 2048² inputs
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    j = tl.arange(0, BL)
-    dmask = d < DK
-    nmask = n < N
-    ch = k * DK + d
-
-    # KMAP: slot of the channel-major tensors (u, out) is kmap[k], e.g. the transposed copy for column routes
-    ku = tl.load(kmap_ptr + k) if KMAP else k
+    seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
+        kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
     u_base = u_ptr + b * s_ub + ku * s_uk
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
@@ -165,8 +169,6 @@ def _scan_fwd_kernel(
     C_base = C_ptr + b * s_Cb + k * s_Ck
     z_base = z_ptr + b * s_zb + k * s_zk
     o_base = out_ptr + b * s_ob + ku * s_ok
-    idx_base = idx_ptr + b * s_ib + k * s_ik
-    row = (b * K + k) * NSEG
 
     # tiles are [BL, NP, BD]: the scanned axis first, channels last. Positions are gathered (contiguity
     # unknown), so the default layout puts lanes on channels then states: the scan over axis 0 stays inside each
@@ -256,19 +258,8 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
-    nblk = tl.cdiv(DK, BD)
-    pid_d = tl.program_id(0) % nblk
-    seg = tl.program_id(0) // nblk + SEG0
-    k = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    j = tl.arange(0, BL)
-    dmask = d < DK
-    nmask = n < N
-    ch = k * DK + d
-
-    ku = tl.load(kmap_ptr + k) if KMAP else k
+    seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
+        kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
     u_base = u_ptr + b * s_ub + ku * s_uk
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
@@ -281,8 +272,6 @@ def _scan_bwd_kernel(
     ddt_base = ddt_ptr + b * s_ddb + k * s_ddk
     dB_base = dB_ptr + b * s_dBb + k * s_dBk
     dC_base = dC_ptr + b * s_dCb + k * s_dCk
-    idx_base = idx_ptr + b * s_ib + k * s_ik
-    row = (b * K + k) * NSEG
 
     # tiles [BL, NP, BD] as in the forward kernel: scans stay inside threads, lanes run over channels/states
     An = nmask[:, None] & dmask[None, :]
