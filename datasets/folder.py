@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from vm_unet.errors import DataError
 
 from .labels import apply_label_map
+from .pairs import pair_by_key
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 MASK_SUFFIXES = ("_segmentation", "_Segmentation", "_mask", "_Mask")
@@ -65,15 +66,7 @@ def find_pairs(root) -> list[tuple[Path, Path]]:
         if p.stem in img_keys:
             raise DataError(f"{p}: two images with stem '{p.stem}' ({img_keys[p.stem].name} and {p.name})")
         img_keys[p.stem] = p
-    missing = [p for k, p in img_keys.items() if k not in by_key]
-    if missing:
-        raise DataError(f"{missing[0]}: no matching mask in {mask_dir}"
-                        + (f" (and {len(missing) - 1} more images without masks)" if len(missing) > 1 else ""))
-    orphans = [m for k, m in by_key.items() if k not in img_keys]
-    if orphans:
-        raise DataError(f"{orphans[0]}: mask has no matching image in {img_dir}"
-                        + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
-    return [(img_keys[k], by_key[k]) for k in sorted(img_keys)]
+    return pair_by_key(img_keys, by_key, mask_dir, img_dir, "mask")
 
 
 def read_image(path: Path, in_chans: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from vm_unet.errors import DataError
 
 from .intensity import normalize_intensity
 from .labels import apply_label_map
+from .pairs import pair_by_key
 
 NIFTI_EXTS = (".nii.gz", ".nii")
 
@@ -46,14 +47,7 @@ def find_msd_pairs(root, images_dir="imagesTr", labels_dir="labelsTr") -> list[t
             if _strip_nifti(p.name) is not None and not p.name.startswith(".")}
     if not imgs:
         raise DataError(f"{idir}: no NIfTI files (.nii/.nii.gz)")
-    missing = [p for k, p in imgs.items() if k not in labs]
-    if missing:
-        raise DataError(f"{missing[0]}: no matching label in {ldir}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    orphans = [p for k, p in labs.items() if k not in imgs]
-    if orphans:
-        raise DataError(f"{orphans[0]}: label has no matching image in {idir}")
-    return [(imgs[k], labs[k]) for k in sorted(imgs)]
+    return pair_by_key(imgs, labs, ldir, idir, "label")
 
 
 def load_nifti(path, reorient: bool = True) -> np.ndarray:
