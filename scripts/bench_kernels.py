@@ -142,28 +142,42 @@ def check(dtype, n, name, b, d, hw, r):
             "errs": [f"{e:.1e}" for e in errs], "nan": any(torch.isnan(t).any().item() for t in (y, *grads))}
 
 
+# tiles (BD, BL, warps) swept at stage-1 256² b32: the forward's with the backward at its default, then the
+# backward's with the forward at its default (the backward's states pass runs with the backward's tile)
+SWEEP = {
+    16: {"fwd": [(8, 8, 1), (16, 8, 1), (16, 4, 1), (32, 4, 1), (16, 16, 1)],
+         "bwd": [(8, 8, 1), (8, 4, 1), (16, 4, 1), (16, 8, 1), (4, 8, 1)]},
+    1: {"fwd": [(4, 64, 1), (8, 64, 2), (32, 64, 1), (32, 16, 1)],
+        "bwd": [(4, 64, 1), (8, 64, 1), (32, 16, 1)]},
+}
+
+
 def sweep(copy_gbs):
-    """Tile configs (BD, BL, warps) of the fused SS2D fwd and fwd+bwd at stage-1 256² b32 (one segment)."""
+    """Tile configs of the fused SS2D fwd and fwd+bwd at stage-1 256² b32, fp32, one segment; with the peak
+    memory of fwd+bwd (the backward's chunk-start states take N/BL of x's size per direction)."""
     rows = []
     name, b, d, hw, r = SHAPES[0]
-    for n in (16, 1):
-        for dtype in (torch.float32,):
-            args = make_inputs(b, d, hw, r, n, dtype)
-            gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-            cfgs = ([(8, 4, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (8, 8, 1), (16, 16, 1), (32, 8, 2)] if n == 16 else
-                    [(4, 64, 1), (8, 64, 2), (32, 64, 1), (32, 16, 1), (64, 16, 2), (128, 8, 4)])
+    dtype = torch.float32
+    for n, kinds in SWEEP.items():
+        args = make_inputs(b, d, hw, r, n, dtype)
+        gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+        for kind, cfgs in kinds.items():
             for cfg in cfgs:
-                core.TILE_OVERRIDE = {"fwd": cfg, "bwd": cfg, "segments": 1}   # tiles alone, L not split
+                core.TILE_OVERRIDE = {kind: cfg, "segments": 1}   # tiles alone, L not split
                 try:
                     f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
+                    torch.cuda.reset_peak_memory_stats()
                     fb = time_fwd_bwd(ss2d_core_triton, gargs)
+                    peak = torch.cuda.max_memory_allocated() / 1e9
                 except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
-                    f = fb = float("nan")
+                    f = fb = peak = float("nan")
                     print("  failed", cfg, type(e).__name__, str(e)[:200])
-                rows.append({"N": n, "dtype": str(dtype).split(".")[-1], "cfg": cfg, "fwd_ms": f, "fwdbwd_ms": fb})
-                print(f"sweep N={n:2d} {rows[-1]['dtype']:8s} BD,BL,warps={cfg}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms",
+                rows.append({"N": n, "dtype": "float32", "kind": kind, "cfg": cfg, "fwd_ms": f, "fwdbwd_ms": fb,
+                             "peak_gb": peak})
+                print(f"sweep N={n:2d} {kind} {cfg}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms  peak {peak:.2f} GB",
                       flush=True)
-            del args, gargs
+        del args, gargs
+        torch.cuda.empty_cache()
     core.TILE_OVERRIDE = None
     return rows
 
