@@ -99,7 +99,7 @@ def run_case(args) -> dict:
 
     model, meta = load_checkpoint(tmp / "m.pth")
     pred = Predictor(model, meta, device, mode="window", tta=args.tta, overlap=args.overlap,
-                     sw_batch_size=args.sw_batch_size)
+                     sw_batch_size=args.sw_batch_size, compile=args.compile)
     if args.pipeline_only:
         # Measures everything but the network (read, normalise, window extraction, gaussian stitching, labels,
         # write) and the CPU memory of the whole-image arrays; reported as such, never as model speed.
@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--sw-batch-size", type=int, default=None, help="default 32 on GPU, 4 on CPU")
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (compile time included; inductor's disk cache shortens reruns)")
     p.add_argument("--max-band-mb", type=float, default=1024.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -501,3 +501,23 @@ def test_gpu_matches_cpu(ckpts, tmp_path):
     gpu_pred = _predictor(ckpts.vol, device="cuda", amp=False)
     gpu = segment_volume(src, gpu_pred, probabilities=True, progress=False)
     np.testing.assert_allclose(gpu.probs, cpu.probs, atol=1e-3)
+
+
+def test_predictor_compile_matches_eager(ckpts, monkeypatch):
+    """``compile=True`` (``--compile``) runs the network through torch.compile (aot_eager backend here: the
+    wiring is ours, inductor is PyTorch's), gives the eager probabilities, and follows a replaced ``model``."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **kw):
+        calls.append(model)
+        return real_compile(model, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    x = torch.rand(2, 3, 40, 36)
+    eager = _predictor(ckpts.rgb)(x)
+    pred = _predictor(ckpts.rgb, compile=True)
+    assert torch.allclose(pred(x), eager, atol=1e-5) and calls == [pred.model]
+    pred(x)
+    assert len(calls) == 1                       # compiled once, reused
+    pred.model = torch.nn.Conv2d(3, 1, 1)
+    assert pred(x).shape == (2, 1, 40, 36) and calls[-1] is pred.model

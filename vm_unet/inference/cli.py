@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network: faster on GPUs (BENCHMARKS.md) after a compile of about a "
+                        "minute per window-batch shape; worth it for many or large inputs")
     p.add_argument("--max-band-mb", type=float, default=1024.0,
                    help="images: CPU memory for the float buffers of one band of rows (default 1024)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-case lines")
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sw_batch_size is None:
         args.sw_batch_size = 32 if device.type == "cuda" else 4
     predictor = Predictor(model, meta, device, mode=mode, tta=args.tta, overlap=args.overlap,
-                          sw_batch_size=args.sw_batch_size, amp=amp)
+                          sw_batch_size=args.sw_batch_size, amp=amp, compile=args.compile)
     if args.axis is not None and ck_kind != "volume":
         raise InputError("--axis applies to volume checkpoints only")
     if args.overlay and ck_kind == "volume":

@@ -55,6 +55,7 @@ class Predictor:
     sw_batch_size: int = 4
     amp: bool | None = None  # None: bf16 autocast on CUDA when supported, fp32 elsewhere
     stitch_device: torch.device | str = "cpu"
+    compile: bool = False   # torch.compile the network: faster after a warm-up compile per input shape
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -81,11 +82,21 @@ class Predictor:
         if self.amp is None:
             self.amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.model.to(self.device).eval()
+        self._compiled = None
+
+    def _network(self) -> torch.nn.Module:
+        if not self.compile:
+            return self.model
+        # compiled lazily and again if ``model`` is replaced; the wrapper shares the module's weights and
+        # recompiles once per window-batch shape (few: full batches and the last one)
+        if self._compiled is None or self._compiled._orig_mod is not self.model:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
 
     # ---------------------------------------------------------------------------------------------- forward
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.amp)):
-            logits = self.model(x)
+            logits = self._network()(x)
         logits = logits.float()
         return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
 

@@ -140,6 +140,15 @@ def _new_run_dir(cfg: dict) -> Path:
     return d
 
 
+def compile_for_training(net: torch.nn.Module, enabled) -> torch.nn.Module:
+    """``train.compile``: torch.compile the training forward (the scan kernels are custom ops, so the graph stays
+    whole and inductor fuses the norms, gates and casts around them; BENCHMARKS.md). Validation, EMA and
+    checkpoints keep using the plain module, which shares the parameters."""
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"train.compile must be true or false, got {enabled!r}")
+    return torch.compile(net) if enabled else net
+
+
 # ------------------------------------------------------------------------------------------------------- train
 def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | None = None) -> Path:
     """Train from a config dict (see ``config.DEFAULTS``); returns the run folder.
@@ -247,6 +256,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     net = model
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device == "cuda" else None)
+    net = compile_for_training(net, tc.get("compile", False))
 
     created = False
     if main:
