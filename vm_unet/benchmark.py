@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vm_unet
+from vm_unet.models import compile_model
 
 OURS = ("vmunet_isic", "vmunet_fast", "vmunet")
 PEERS = ("swinunetr", "monai_unet", "smp_unet_r34")
@@ -82,7 +83,7 @@ def measure(name: str, size: int, batch: int, device: torch.device, *, train: bo
     torch.manual_seed(0)
     model = build_model(name).to(device)
     if compile:
-        model = torch.compile(model)
+        model = compile_model(model)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -130,7 +131,7 @@ def profile_train_step(name: str, size: int, batch: int, device: torch.device, *
     torch.manual_seed(0)
     model = build_model(name).to(device).train()
     if compile:
-        model = torch.compile(model)
+        model = compile_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)
     target = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()

@@ -90,7 +90,9 @@ class Predictor:
         # compiled lazily and again if ``model`` is replaced; the wrapper shares the module's weights and
         # recompiles once per window-batch shape (few: full batches and the last one)
         if self._compiled is None or self._compiled._orig_mod is not self.model:
-            self._compiled = torch.compile(self.model)
+            from vm_unet.models import compile_model  # noqa: PLC0415
+
+            self._compiled = compile_model(self.model)
         return self._compiled
 
     # ---------------------------------------------------------------------------------------------- forward

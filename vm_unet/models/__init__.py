@@ -1,5 +1,5 @@
 """Model families and the registry of ready-made configurations."""
-from .registry import create_model, list_models, model_config, model_entry, register_model
+from .registry import compile_model, create_model, list_models, model_config, model_entry, register_model
 from .vmamba import SS2D, VSSBlock, VSSEncoder
 from .vmamba_fast import VSSBlockFast, VSSEncoderFast
 from .vmunet import VMUNet
@@ -24,5 +24,5 @@ for _route, _what in [("bidirectional", "Vim bidirectional row scan (K=2) + lear
     register_model(f"vmunet_isic_{_route}", VMUNet, f"VM-UNet ISIC config, {_what}", route=_route, **_ISIC)
 del _ISIC, _route, _what
 
-__all__ = ["SS2D", "VMUNet", "VSSBlock", "VSSBlockFast", "VSSEncoder", "VSSEncoderFast", "create_model",
-           "list_models", "model_config", "model_entry", "register_model"]
+__all__ = ["SS2D", "VMUNet", "VSSBlock", "VSSBlockFast", "VSSEncoder", "VSSEncoderFast", "compile_model",
+           "create_model", "list_models", "model_config", "model_entry", "register_model"]

@@ -58,3 +58,12 @@ def create_model(name: str, in_chans: int = 3, num_classes: int = 1, pretrained:
         from vm_unet.weights import load_pretrained  # noqa: PLC0415 (weights imports the models package)
         load_pretrained(model, pretrained, verbose=True)
     return model
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` as the trainer, the predictor and the benchmark use it. Static shapes: each new input shape
+    compiles once (a few per run: full and last batches); the automatic dynamic-shape recompile that follows a
+    second shape hit an inductor assertion on this model (torch 2.11, H200, BENCHMARKS.md)."""
+    import torch  # noqa: PLC0415
+
+    return torch.compile(model, dynamic=False)

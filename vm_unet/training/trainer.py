@@ -146,7 +146,9 @@ def compile_for_training(net: torch.nn.Module, enabled) -> torch.nn.Module:
     checkpoints keep using the plain module, which shares the parameters."""
     if not isinstance(enabled, bool):
         raise ConfigError(f"train.compile must be true or false, got {enabled!r}")
-    return torch.compile(net) if enabled else net
+    from vm_unet.models import compile_model  # noqa: PLC0415
+
+    return compile_model(net) if enabled else net
 
 
 # ------------------------------------------------------------------------------------------------------- train
@@ -257,6 +259,8 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device == "cuda" else None)
     net = compile_for_training(net, tc.get("compile", False))
+    if main and tc.get("compile"):
+        print("train.compile: the first steps compile the model (about a minute on a GPU)", flush=True)
 
     created = False
     if main:
