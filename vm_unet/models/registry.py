@@ -6,6 +6,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 
@@ -64,6 +65,4 @@ def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile`` as the trainer, the predictor and the benchmark use it. Static shapes: each new input shape
     compiles once (a few per run: full and last batches); the automatic dynamic-shape recompile that follows a
     second shape hit an inductor assertion on this model (torch 2.11, H200, BENCHMARKS.md)."""
-    import torch  # noqa: PLC0415
-
     return torch.compile(model, dynamic=False)
