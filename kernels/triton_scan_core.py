@@ -382,8 +382,8 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Benchmarks and tests may set this to {"fwd": (BD, BL, warps), "bwd": (BD, BL, warps), "segments": NSEG} to
-# sweep tiles or force a segment count.
+# Benchmarks and tests may set this to {"fwd": (BD, BL, warps[, maxnreg]), "bwd": (BD, BL, warps[, maxnreg]),
+# "segments": NSEG} to sweep tiles (and register caps) or force a segment count.
 TILE_OVERRIDE: dict | None = None
 
 # Segments (parallel over L) cost an extra pass (~0.6x the work), so they are used only when the (batch, slot,
@@ -403,6 +403,13 @@ class LaunchPlan:
     nseg: int      # segments of L
     cps: int       # chunks per segment
     nblk: int      # channel blocks
+    maxnreg: int | None = None   # register cap per thread (None: the compiler's choice)
+
+    def launch_opts(self) -> dict:
+        opts = dict(BD=self.bd, NP=self.np, BL=self.bl, num_warps=self.warps)
+        if self.maxnreg:   # only when set: the CPU interpreter takes no such option
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
     def grid(self, slots: int, batch: int, segments: int | None = None) -> tuple[int, int, int]:
         return (self.nblk * (self.nseg if segments is None else segments), slots, batch)
@@ -414,8 +421,10 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
     np_ = next_pow2(n_state)
     key = "bwd" if backward else "fwd"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    maxnreg = None
     if TILE_OVERRIDE and key in TILE_OVERRIDE:
-        bd, bl, warps = TILE_OVERRIDE[key]
+        bd, bl, warps, *cap = TILE_OVERRIDE[key]
+        maxnreg = cap[0] if cap else None
     elif interpret:
         # the CPU interpreter pays per op and per program, not per element: few large tiles (still several
         # chunks and masked rows on the tiny test shapes, so the chunk carry and masks are exercised)
@@ -444,7 +453,7 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
     nseg = max(1, min(nseg, nchunk))
     cps = cdiv(nchunk, nseg)
     nseg = cdiv(nchunk, cps)      # no empty segment
-    return LaunchPlan(bd, np_, bl, warps, nchunk, nseg, cps, nblk)
+    return LaunchPlan(bd, np_, bl, warps, nchunk, nseg, cps, nblk, maxnreg)
 
 
 @dataclass(frozen=True)
@@ -477,7 +486,7 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers."""
     ph = prefix[0]  # placeholder for pointers a variant never touches
     seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
-    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, num_warps=plan.warps, FAST_EXP=_fast_exp(), **flags)
+    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), **flags)
     if plan.nseg > 1:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
@@ -493,18 +502,31 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     return seg_bufs if plan.nseg > 1 else None
 
 
+def states_buffer(dims: ScanDims, plan: LaunchPlan, device) -> torch.Tensor:
+    """The backward's chunk-start states, fp32 (b, K, D, nchunk, NP) flat: NP/BL of the size of u per slot."""
+    return torch.empty(dims.batch * dims.slots * dims.channels * plan.nchunk * plan.np, device=device,
+                       dtype=torch.float32)
+
+
 def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, g: tuple, du: tuple,
-                  atomic_du: bool, ddt: tuple, dz, dB: tuple, dC: tuple) -> tuple[torch.Tensor, ...]:
+                  atomic_du: bool, ddt: tuple, dz, dB: tuple, dC: tuple,
+                  saved: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
     """States pass, then (L split) the segments' dh carries, then the backward kernel. ``g``, ``du``, ``ddt``,
-    ``dB``, ``dC`` are (tensor, *strides) tuples. Returns the per-channel parameter gradients (dA, dD, dδ_bias),
-    (slots*channels, N) and (slots*channels,), summed over batch and segments."""
+    ``dB``, ``dC`` are (tensor, *strides) tuples. ``saved``: the chunk-start states and segment ΣΔ a forward with
+    the same plan stored (``scan_forward(..., states=...)``), which skips the states pass. Returns the per-channel
+    parameter gradients (dA, dD, dδ_bias), (slots*channels, N) and (slots*channels,), summed over batch and
+    segments."""
     ph = prefix[0]
     dev = ph.device
-    states = torch.empty(dims.batch * dims.slots * dims.channels * plan.nchunk * plan.np, device=dev,
-                         dtype=torch.float32)
-    seg_bufs = scan_forward(prefix, dims, plan, flags, states=states)
+    if saved is None:
+        states = states_buffer(dims, plan, dev)
+        seg_bufs = scan_forward(prefix, dims, plan, flags, states=states)
+    else:
+        # the dh-carry pass below stores the segments' ΣΔ again: into a copy, the saved tensor stays as it was
+        states, sdl = saved
+        seg_bufs = (None, sdl.clone()) if plan.nseg > 1 else None
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
-    common = dict(BD=plan.bd, NP=plan.np, BL=plan.bl, R=dims.rank, num_warps=plan.warps, ATOMIC_DU=atomic_du,
+    common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
                   FAST_EXP=_fast_exp(), **flags)
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
@@ -513,8 +535,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     dbias = torch.empty(rows, dims.slots * dims.channels, **f32)
     grads = (*g, states, *du, *ddt, dz if dz is not None else ph, *dB, *dC, dA, dD, dbias)
     if plan.nseg > 1:
-        q = torch.empty_like(seg_bufs[0])
         sdl = seg_bufs[1]   # ΣΔ of segments 0..nseg-2 from the forward's end-state pass; DH_ONLY adds the last
+        q = torch.empty(*sdl.shape, plan.np, **f32)
         # segment 0's carry is never used: segments 1..nseg-1
         _scan_bwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
             *prefix, *grads, q, sdl, *dims.scalars(plan, with_rank=False), 1, DH_ONLY=True, SEG_CARRY=False, **common)

@@ -2,7 +2,8 @@
 
 ``ss2d_core_triton`` has ``ss2d_core``'s signature and shapes (see ``kernels/ss2d.py``). Per (batch, direction k,
 block of channels) one program reads x (b, D, H, W) through the route's gather map ``idx[k]`` (no direction
-copies), builds Δ = dt_weight[k] @ dt_low on the fly, scans, and adds its y into one merged fp32 (b, D, H*W)
+copies), builds Δ = dt_weight[k] @ dt_low on the fly (or, at larger ranks, reads it from one batched GEMM, see
+``DELTA_OPTS``), scans, and adds its y into one merged fp32 (b, D, H*W)
 buffer with atomics through the same map (gathering by idx and scattering by idx are inverse maps, so any
 permutation route works unchanged). Directions that run along columns read one shared transposed copy of x and
 accumulate into a second (transposed) buffer, so their loads and atomics are coalesced; ``_route_plan`` picks
@@ -89,65 +90,112 @@ def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device)
             torch.zeros(k, device=device, dtype=torch.int32), (0,) * k)
 
 
-def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple:
-    """The argument prefix the forward and backward kernels share: x read through the route map (slot-major
-    layouts from ``_prep``), low-rank Δ with its dt_proj weights, B, C; no z gate in SS2D (placeholder)."""
+def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple[tuple, dict]:
+    """The argument prefix the forward and backward kernels share, and their flags: x read through the route map
+    (slot-major layouts from ``_prep``), Δ (see ``_delta_operand``), B, C; no z gate in SS2D (placeholder)."""
     idx, s_ib, s_ik, kmap = maps[:4]
+    delta, flags = _delta_operand(lows, W, A.shape[1])
     return (xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
-            lows, lows.stride(0), lows.stride(1), lows.stride(2), lows.stride(3),
-            W, W.stride(0), W.stride(1),
+            *delta,
             dt_bias, A, Ds,
             Bs, *Bs.stride(), Cs, *Cs.stride(),
             xx, 0, 0, 0, 0,
-            idx, s_ib, s_ik, kmap)
+            idx, s_ib, s_ik, kmap), flags
 
 
 _FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False)
+
+# Δ in the kernel from the low-rank factors costs R FMAs and R gathered loads per position in each of the forward,
+# states and backward passes. From rank min_rank on (and for d_state >= min_state, where the scan's own work per
+# position is large enough that reading Δ costs less than the product), Δ = W_k @ low_k is one batched GEMM and the
+# kernels read it: measured on H200 (BENCHMARKS.md), N=16 fwd+bwd -7% at R=12, -17% at R=24, -45% at R=48, about
+# even at R=6 (+0.4 GB); N=1 (memory-bound) +10% slower at R >= 12.
+DELTA_OPTS = {"min_rank": 12, "min_state": 8}
+
+
+def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int) -> tuple[tuple, dict]:
+    """Kernel arguments for Δ (tensor and its 4 strides, W and its 2 strides) and the flags that go with them."""
+    r = lows.shape[2]
+    if r < DELTA_OPTS["min_rank"] or n_state < DELTA_OPTS["min_state"]:
+        return (lows, *lows.stride(), W, W.stride(0), W.stride(1)), _FLAGS
+    # fp32 as the in-kernel product is (autocast would make it bf16: 1.2e-3 vs 2e-6 rel. error in fp32 tests)
+    with torch.autocast(lows.device.type, enabled=False):
+        delta = torch.matmul(W.float(), lows.float())            # (K, D, R) @ (b, K, R, L) -> (b, K, D, L)
+    return (delta, *delta.stride(), W, 0, 0), dict(_FLAGS, LOWRANK=False)
+
+
+# Chunk-start states stored by the forward spare the backward its states pass (one more forward-kernel run) when
+# they are small: NP/BL of x per direction, 1/64 at N=1 (vmunet_fast). At N=16 they would be 2x (0.8 GB per
+# stage-1 layer at 256² batch 32), so the backward recomputes them instead.
+KEEP_STATES_MAX_RATIO = 1 / 16
+
+
+def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool) -> tuple[tuple, tuple]:
+    """Shapes of the forward's extra outputs: chunk-start states and segment ΣΔ, or empty when not kept (not
+    asked for, too large, or the backward would chunk L differently)."""
+    fplan = core.launch_plan(n, L, d, backward=False, rows=b * k)
+    bplan = core.launch_plan(n, L, d, backward=True, rows=b * k)
+    same = all(getattr(fplan, f) == getattr(bplan, f) for f in ("np", "bl", "nchunk", "nseg", "cps"))
+    if not (keep_states and same and fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO):
+        return (0,), (0,)
+    return (b * k * d * fplan.nchunk * fplan.np,), ((b, k, fplan.nseg, d) if fplan.nseg > 1 else (0,))
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
 def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
              dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str,
-             order: Optional[torch.Tensor]) -> torch.Tensor:
+             order: Optional[torch.Tensor], keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, and for the backward the chunk-start states and segment ΣΔ when kept (see ``_kept_shapes``)."""
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps[4])
     n = A.shape[1]
     out = torch.zeros(xx.shape, device=x.device, dtype=torch.float32)
-    dims = core.ScanDims(b, k, d, L, n, r)
+    prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
+    dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     plan = core.launch_plan(n, L, d, backward=False, rows=b * k)
-    core.scan_forward(_input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps),
-                      dims, plan, _FLAGS, out=out, out_strides=(out.stride(1), out.stride(0), L, 1), atomic_out=True)
-    return _merge_slots(out, h, w).to(x.dtype)
+    st_shape, sdl_shape = _kept_shapes(b, k, d, L, n, keep_states)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    states = torch.empty(st_shape, **f32)
+    seg = core.scan_forward(prefix, dims, plan, flags, out=out, out_strides=(out.stride(1), out.stride(0), L, 1),
+                            atomic_out=True, states=states if states.numel() else None)
+    sdl = seg[1] if seg is not None and states.numel() else torch.empty(sdl_shape, **f32)
+    return _merge_slots(out, h, w).to(x.dtype), states, sdl
 
 
 @ss2d_fwd.register_fake
-def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, keep_states):
+    b, d, h, w = x.shape
+    st_shape, sdl_shape = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(st_shape, dtype=torch.float32),
+            x.new_empty(sdl_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
 def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
-             route: str, order: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]."""
+             route: str, order: Optional[torch.Tensor], states: torch.Tensor,
+             seg_sdl: torch.Tensor) -> list[torch.Tensor]:
+    """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]. ``states``/``seg_sdl``: what the forward kept (see
+    ``_kept_shapes``), or empty."""
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
     lay = maps[4]
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
     n = A.shape[1]
-    prefix = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
+    prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
     g = _two_layouts(grad, h, w, lay)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.zeros(xx.shape, **f32)
     ddt = torch.empty(b, k, d, L, **f32)       # dΔ in each direction's read layout (same as lows)
     dB = torch.zeros(b, k, n, L, **f32)
     dC = torch.zeros(b, k, n, L, **f32)
-    dims = core.ScanDims(b, k, d, L, n, r)
+    dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     plan = core.launch_plan(n, L, d, backward=True, rows=b * k)
     dA, dD, dbias = core.scan_backward(
-        prefix, dims, plan, _FLAGS,
+        prefix, dims, plan, flags,
         g=(g, g.stride(1), g.stride(0), g.stride(2), g.stride(3)),
         du=(dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3)), atomic_du=True,
-        ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()))
+        ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()),
+        saved=(states, seg_sdl) if states.numel() else None)
     # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
     dlow = torch.matmul(W.float().transpose(1, 2), ddt)                                # (b, k, r, L)
     dW = torch.matmul(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L).transpose(1, 2))
@@ -161,19 +209,22 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
 
 
 @ss2d_bwd.register_fake
-def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order):
+def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, states, seg_sdl):
     return [torch.empty_like(t, memory_format=torch.contiguous_format)
             for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8], inputs[9])
+    _, states, seg_sdl = output
+    ctx.mark_non_differentiable(states, seg_sdl)
+    ctx.save_for_backward(*inputs[:8], inputs[9], states, seg_sdl)
     ctx.route = inputs[8]
 
 
-def _backward(ctx, grad):
-    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, order = ctx.saved_tensors
-    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route, order), None, None)
+def _backward(ctx, grad, _states_grad, _sdl_grad):
+    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, order, states, seg_sdl = ctx.saved_tensors
+    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route, order, states, seg_sdl),
+            None, None, None)
 
 
 ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -182,7 +233,8 @@ ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 def ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
     """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``): a route name,
     or an index map (K, H*W) / (b, K, H*W) such as a quadtree model's per-sample order."""
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds))
     if isinstance(route, torch.Tensor):
-        return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, "", route)
+        return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, "", route, keep)[0]
     # a named route's index maps are resolved (and cached) inside the op, so torch.compile never traces them
-    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, None)
+    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, None, keep)[0]

@@ -204,10 +204,10 @@ def segments(shape_names, counts):
     return rows
 
 
-def profile_ops(shape_name, dtype=torch.float32):
+def profile_ops(shape_name, n_state=16, dtype=torch.float32):
     """CUDA time per kernel of one fused SS2D fwd+bwd (torch.profiler), to see what besides the scan costs."""
     name, b, d, hw, r = next(s for s in SHAPES if s[0] == shape_name)
-    gargs = make_inputs(b, d, hw, r, 16, dtype, requires_grad=True)
+    gargs = make_inputs(b, d, hw, r, n_state, dtype, requires_grad=True)
     y = ss2d_core_triton(*gargs)
     g = torch.randn_like(y)
     for _ in range(3):
@@ -218,7 +218,7 @@ def profile_ops(shape_name, dtype=torch.float32):
             ss2d_core_triton(*gargs).backward(g)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    print(f"profile {name} {dtype} (5 fwd+bwd)\n{table}", flush=True)
+    print(f"profile {name} N={n_state} {dtype} (5 fwd+bwd)\n{table}", flush=True)
     return table
 
 
@@ -230,6 +230,7 @@ def main():
     p.add_argument("--segments", default=None, help="comma list of shapes: time forced segment counts of L there")
     p.add_argument("--counts", default="1,2,4,8,16,32,64,auto", help="segment counts for --segments")
     p.add_argument("--profile", default=None, help="a shape name: per-kernel CUDA times of fused fwd+bwd there")
+    p.add_argument("--state", type=int, default=16, help="d_state N for --profile")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -251,7 +252,7 @@ def main():
     if a.sweep:
         result["sweep"] = sweep(copy_gbs)
     if a.profile:
-        result["profile"] = profile_ops(a.profile)
+        result["profile"] = profile_ops(a.profile, a.state)
     if a.segments:
         result["segments"] = segments(a.segments.split(","), a.counts.split(","))
         if a.out:

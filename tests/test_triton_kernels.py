@@ -153,6 +153,49 @@ def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, monkeypatch):
                  monkeypatch=monkeypatch)
 
 
+# Δ materialised by one GEMM (the default from rank 12 and d_state 8 on) instead of the in-kernel low-rank product:
+# forced on at the tiny shapes, odd H/W and D, fp32 and bf16, with L split into segments too
+@cpu_only
+@pytest.mark.parametrize("dtype,segments", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)])
+def test_ss2d_materialised_delta_matches_reference(dtype, segments, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    from vm_unet.kernels import triton_ss2d
+    monkeypatch.setattr(triton_ss2d, "DELTA_OPTS", {"min_rank": 1, "min_state": 1})
+    if segments > 1:
+        monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": segments})
+    compare_ss2d(ss2d_inputs(2, 5, 3, 7, 3, 16, dtype), "cross", 1e-5 if dtype == torch.float32 else 2e-2,
+                 monkeypatch=monkeypatch)
+
+
+# N=1: the forward keeps its chunk-start states (1/BL of x per direction) and the backward skips its states pass;
+# with L in one segment and in three (the segments' ΣΔ kept too)
+@cpu_only
+@pytest.mark.parametrize("segments", [1, 3])
+def test_ss2d_backward_uses_the_forward_states(segments, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 16, 1), "bwd": (2, 16, 1), "segments": segments})
+    calls = []
+    real = core.scan_forward
+    monkeypatch.setattr(core, "scan_forward", lambda *a, **kw: calls.append(kw.get("states")) or real(*a, **kw))
+    compare_ss2d(ss2d_inputs(2, 3, 5, 7, 2, 1, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    assert len(calls) == 1 and calls[0] is not None     # the forward stored the states; no states pass
+    calls.clear()
+    compare_ss2d(ss2d_inputs(1, 3, 5, 7, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    assert len(calls) == 2 and calls[0] is None and calls[1] is not None   # N=4: states recomputed
+
+
+def test_delta_materialised_only_where_measured_faster():
+    from vm_unet.kernels.triton_ss2d import _delta_operand
+    for r, n, materialised in [(6, 16, False), (12, 16, True), (48, 16, True), (12, 1, False)]:
+        W, lows = torch.randn(4, 8, r), torch.randn(2, 4, r, 10)
+        args, flags = _delta_operand(lows, W, n)
+        assert flags["LOWRANK"] is not materialised
+        if materialised:   # Δ (b, K, D, L) = W_k @ low_k, in fp32
+            ref = torch.einsum("kdr,bkrl->bkdl", W, lows)
+            assert args[0].shape == (2, 4, 8, 10) and torch.allclose(args[0], ref, atol=1e-5)
+            assert args[1:5] == args[0].stride()
+
+
 # L split into segments (the two-pass scan used when few programs would walk all of L): forced segment counts
 # with several channel blocks and chunks (BD=2, BL=4), segments of unequal length (L=9 -> 3 chunks), one segment
 # per chunk, and more segments than chunks (clamped)
@@ -238,11 +281,14 @@ def test_opcheck_fake_and_autograd_registration():
     from vm_unet.kernels.triton_ss2d import _route_plan
     _, _, lay = _route_plan("cross", 2, 3, "cpu")
     assert lay == (0, 1, 0, 1)  # column routes read the transposed copy
-    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross", None),
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross", None, True),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     order = torch.stack([torch.randperm(6), torch.randperm(6)])[None]     # (b=1, K=2, L) per-sample map
     args2 = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32, k=2)
-    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args2, "", order),
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args2, "", order, True),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    args1 = ss2d_inputs(1, 2, 2, 3, 2, 1, torch.float32)                 # N=1: the forward keeps its states
+    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args1, "cross", None, True),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     s = scan_inputs(1, 2, 5, 2, 0, torch.float32)
     opcheck(torch.ops.vm_unet.selective_scan_fwd.default, (*s, True),
