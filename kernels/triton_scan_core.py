@@ -502,6 +502,12 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     return seg_bufs if plan.nseg > 1 else None
 
 
+def same_chunking(a: LaunchPlan, b: LaunchPlan) -> bool:
+    """Whether chunk-start states written under plan ``a`` serve a backward under plan ``b`` (the states' layout
+    does not depend on the channel block)."""
+    return all(getattr(a, f) == getattr(b, f) for f in ("np", "bl", "nchunk", "nseg", "cps"))
+
+
 def states_buffer(dims: ScanDims, plan: LaunchPlan, device) -> torch.Tensor:
     """The backward's chunk-start states, fp32 (b, K, D, nchunk, NP) flat: NP/BL of the size of u per slot."""
     return torch.empty(dims.batch * dims.slots * dims.channels * plan.nchunk * plan.np, device=device,
@@ -513,7 +519,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
                   saved: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
     """States pass, then (L split) the segments' dh carries, then the backward kernel. ``g``, ``du``, ``ddt``,
     ``dB``, ``dC`` are (tensor, *strides) tuples. ``saved``: the chunk-start states and segment ΣΔ a forward with
-    the same plan stored (``scan_forward(..., states=...)``), which skips the states pass. Returns the per-channel
+    the same chunking stored (``scan_forward(..., states=...)``), which skips the states pass. Returns the per-channel
     parameter gradients (dA, dD, dδ_bias), (slots*channels, N) and (slots*channels,), summed over batch and
     segments."""
     ph = prefix[0]

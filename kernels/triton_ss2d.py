@@ -135,8 +135,7 @@ def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool) -> t
     asked for, too large, or the backward would chunk L differently)."""
     fplan = core.launch_plan(n, L, d, backward=False, rows=b * k)
     bplan = core.launch_plan(n, L, d, backward=True, rows=b * k)
-    same = all(getattr(fplan, f) == getattr(bplan, f) for f in ("np", "bl", "nchunk", "nseg", "cps"))
-    if not (keep_states and same and fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO):
+    if not (keep_states and core.same_chunking(fplan, bplan) and fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO):
         return (0,), (0,)
     return (b * k * d * fplan.nchunk * fplan.np,), ((b, k, fplan.nseg, d) if fplan.nseg > 1 else (0,))
 

@@ -332,6 +332,10 @@ def test_gpu_ss2d_random_shapes(dtype, tol, monkeypatch):
         r = int(torch.randint(1, 13, (1,), generator=gen))
         compare_ss2d(ss2d_inputs(b, d, h, w, r, N, dtype, device="cuda", seed=h * w), "cross", tol,
                      monkeypatch=monkeypatch)
+    # rank 24: Δ materialised by a GEMM (N=16), and the N=1 in-kernel product at the same rank
+    for N in (1, 16):
+        compare_ss2d(ss2d_inputs(2, 96, 17, 23, 24, N, dtype, device="cuda", seed=N), "cross", tol,
+                     monkeypatch=monkeypatch)
 
 
 @gpu
