@@ -61,13 +61,15 @@ def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> torch.Tensor:
     return torch.stack([t.reshape(b, d, h * w), t.transpose(-1, -2).reshape(b, d, h * w)])
 
 
-def _merge_slots(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(slots, b, D, H*W) fp32 accumulators -> (b, D, H, W)."""
+def _merge_slots(t: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """(slots, b, D, H*W) fp32 accumulators -> (b, D, H, W) in ``dtype``: one pass, the sum in fp32 and the cast on
+    the store (no fp32 intermediate)."""
     b, d = t.shape[1:3]
     y = t[0].view(b, d, h, w)
-    if t.shape[0] == 2:
-        y = y + t[1].view(b, d, w, h).transpose(-1, -2)
-    return y
+    if t.shape[0] == 1:
+        return y.to(dtype)
+    return torch.add(y, t[1].view(b, d, w, h).transpose(-1, -2), out=torch.empty(b, d, h, w, dtype=dtype,
+                                                                                  device=t.device))
 
 
 def _prep(x, dt_low, B, C, dt_weight, lay):
@@ -158,7 +160,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     seg = core.scan_forward(prefix, dims, plan, flags, out=out, out_strides=(out.stride(1), out.stride(0), L, 1),
                             atomic_out=True, states=states if states.numel() else None)
     sdl = seg[1] if seg is not None and states.numel() else torch.empty(sdl_shape, **f32)
-    return _merge_slots(out, h, w).to(x.dtype), states, sdl
+    return _merge_slots(out, h, w, x.dtype), states, sdl
 
 
 @ss2d_fwd.register_fake
@@ -201,7 +203,7 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     dW = dW.view(b, k, d, r).sum(0)
     # back from each direction's read layout to image layout
     dlow, dB, dC = (_swap(t, lay, w, h) for t in (dlow, dB, dC))
-    return [_merge_slots(dx, h, w).to(x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
+    return [_merge_slots(dx, h, w, x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
             dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
             dW.view(dt_weight.shape).to(dt_weight.dtype), dbias.view(dt_bias.shape).to(dt_bias.dtype),
             dA.to(A.dtype), dD.to(Ds.dtype)]
