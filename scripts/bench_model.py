@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, measure
+from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, measure, plot_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,35 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": name, "date": str(date.today()), "results": as_dicts(results)},
                                        indent=2))
-        _plot(results, args.out.with_suffix(".png"))
+        plot_results(results, args.out.with_suffix(".png"))
     return 0
-
-
-def _plot(results, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for model in dict.fromkeys(r.model for r in results):
-        rs = [r for r in results if r.model == model]
-        sizes = [r.size for r in rs]
-        for ax, key in zip(axes, ("train_img_s", "infer_img_s", "infer_peak_gb")):
-            vals = [getattr(r, key) for r in rs]
-            if any(v is not None for v in vals):
-                ax.plot(sizes, [v if v is not None else float("nan") for v in vals], marker="o", label=model)
-    for ax, title in zip(axes, ("train img/s", "inference img/s", "inference peak GB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("image side (px)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

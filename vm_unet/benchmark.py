@@ -9,6 +9,7 @@ import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -174,3 +175,38 @@ def format_table(results: list[Result]) -> str:
 
 def as_dicts(results: list[Result]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+PLOT_PANELS = {"train_img_s": "train img/s", "train_peak_gb": "train peak GB", "infer_img_s": "inference img/s",
+               "infer_peak_gb": "inference peak GB"}
+
+
+def plot_results(results: list[Result], path: Path) -> None:
+    """Throughput and peak memory against image side, one line per model (log-log), as a PNG. Only the panels
+    the run measured are drawn (``--no-train`` / ``--no-infer`` leave theirs empty)."""
+    from vm_unet.training.viz import _atomic_savefig, _plt  # noqa: PLC0415 (matplotlib only when plotting)
+
+    panels = {k: t for k, t in PLOT_PANELS.items() if any(getattr(r, k) is not None for r in results)}
+    if not panels:
+        return
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
+    for model in dict.fromkeys(r.model for r in results):
+        rs = [r for r in results if r.model == model]
+        for ax, key in zip(axes, panels):
+            vals = [getattr(r, key) for r in rs]
+            if any(v is not None for v in vals):
+                ax.plot([r.size for r in rs], [float("nan") if v is None else v for v in vals], marker="o",
+                        label=model)
+    for ax, title in zip(axes, panels.values()):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (px)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    _atomic_savefig(fig, Path(path))
+    plt.close(fig)

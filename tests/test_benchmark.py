@@ -1,0 +1,33 @@
+"""The model benchmark's library parts on CPU: a measured row, the table, and the plot (speed itself is never a
+test; the numbers live in BENCHMARKS.md)."""
+from __future__ import annotations
+
+import json
+
+import matplotlib.image as mpimg
+import torch
+
+from vm_unet.benchmark import Result, format_table, measure, plot_results
+
+
+def test_measure_one_model_on_cpu():
+    r = measure("vmunet_isic", 64, 1, torch.device("cpu"), warmup=0, repeats=1)
+    assert r.note == "" and r.train_img_s > 0 and r.infer_img_s > 0
+    assert r.train_peak_gb is None and r.infer_peak_gb is None       # peak memory is a CUDA statistic
+    row = format_table([r]).splitlines()[-1]
+    assert row.startswith("| vmunet_isic | 64² | 1 |")
+
+
+def test_plot_draws_only_measured_panels(tmp_path):
+    rows = [Result("a", s, 1, None, None, 100.0 / s, 1e-5 * s * s) for s in (256, 512, 1024)]
+    rows.append(Result("b", 256, 1, None, None, None, None, "out of memory"))
+    plot_results(rows, tmp_path / "infer.png")
+    width_infer = mpimg.imread(tmp_path / "infer.png").shape[1]
+    rows = [Result("a", s, 1, 10.0 / s, 2.0, 100.0 / s, 1.0) for s in (256, 512)]
+    plot_results(rows, tmp_path / "all.png")
+    width_all = mpimg.imread(tmp_path / "all.png").shape[1]
+    assert abs(width_all / width_infer - 2) < 0.05    # four panels vs the two inference ones (tight bbox)
+    plot_results([Result("c", 256, 1, None, None, None, None)], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert not list(tmp_path.glob(".*tmp*"))      # written atomically
+    json.dumps([r.__dict__ for r in rows])         # rows serialise as the script writes them
