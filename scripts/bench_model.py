@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="our models recompute each block in the backward (less training memory)")
     p.add_argument("--out", type=Path, default=None, help="write results JSON (and a PNG plot) here")
     p.add_argument("--profile", type=Path, default=None,
                    help="profile one train step per (model, size) with torch.profiler; top-ops tables go here")
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             try:
                 r = measure(model, size, batch, device, train=not args.no_train, infer=not args.no_infer,
-                            warmup=args.warmup, repeats=args.repeats, compile=args.compile)
-            except ImportError as exc:
+                            warmup=args.warmup, repeats=args.repeats, compile=args.compile,
+                            grad_checkpointing=args.grad_checkpointing)
+            except (ImportError, ValueError) as exc:
                 print(f"skipping {model}: {exc}", file=sys.stderr)
                 continue
             results.append(r)

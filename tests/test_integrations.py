@@ -140,6 +140,24 @@ def test_fast_family_in_smp():
     assert y.shape == (2, 2, 32, 32)
 
 
+def test_grad_checkpointing_inside_an_smp_model():
+    """``vm_unet.models.set_grad_checkpointing`` reaches our trunk inside someone else's model: same gradients."""
+    from vm_unet.models import set_grad_checkpointing
+    model = smp.Unet(TINY_FAST, encoder_weights=None, in_channels=1, classes=2, decoder_channels=(32, 16, 16, 8, 8))
+    x = torch.randn(2, 1, 32, 32)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        model(x).square().mean().backward()
+        return [p.grad.clone() for p in model.encoder.parameters()]
+    ref = grads()
+    set_grad_checkpointing(model)
+    stages = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    assert stages and all(m.grad_checkpointing for m in stages)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads(), ref))
+
+
 # ---------------------------------------------------------------------------------------------------------- MONAI
 
 monai = pytest.importorskip("monai")

@@ -186,3 +186,42 @@ def test_gradients_follow_parameter_layout(name):
     model(torch.randn(2, 3, 64, 64)).mean().backward()
     bad = [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()]
     assert not bad, f"gradients with strides unlike their parameters: {bad}"
+
+
+@pytest.mark.parametrize("name", ["vmunet_isic", "vmunet_fast"])
+def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(name):
+    """Block-level checkpointing: same loss and gradients (drop-path active: the RNG state is replayed), each block
+    runs twice per training step (forward, then recomputed in the backward), once in inference."""
+    model = vm_unet.create_model(name, **{**TINY, "drop_path_rate": 0.3}).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def step():
+        torch.manual_seed(7)
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    calls = []
+    blocks = [m for m in model.modules() if type(m).__name__.startswith("VSSBlock")]
+    for blk in blocks:   # a pre-hook: recomputation stops early, once it has what the backward needs
+        blk.register_forward_pre_hook(lambda *_: calls.append(1))
+    loss_ref, grads_ref = step()
+    assert len(calls) == len(blocks)
+    assert model.set_grad_checkpointing() is model
+    calls.clear()
+    loss, grads = step()
+    assert len(calls) == 2 * len(blocks)
+    assert torch.allclose(loss, loss_ref)
+    for k, g in grads_ref.items():
+        assert torch.allclose(grads[k], g, rtol=1e-5, atol=1e-7), k
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == len(blocks)          # nothing to recompute without autograd
+    model.set_grad_checkpointing(False)
+    calls.clear()
+    step()
+    assert len(calls) == len(blocks)
+    with pytest.raises(ValueError, match="True or False"):
+        model.encoder.set_grad_checkpointing("yes")

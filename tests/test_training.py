@@ -257,3 +257,17 @@ def test_train_compile_option(tmp_path, monkeypatch):
     assert compiled[-1]["train_loss"] == pytest.approx(eager[-1]["train_loss"], rel=1e-4, abs=1e-5)
     with pytest.raises(ConfigError, match="train.compile"):
         trainer_mod.compile_for_training(torch.nn.Identity(), "yes")
+
+
+def test_train_grad_checkpointing_option(tmp_path):
+    """``train.grad_checkpointing=true`` trains with block recomputation and matches the plain run; a
+    non-boolean value is a config error before anything is written."""
+    from vm_unet.errors import ConfigError
+
+    plain = json.loads((train(tiny_cfg(tmp_path / "plain", epochs=1)) / "metrics.json").read_text())["history"]
+    ckpt = json.loads((train(tiny_cfg(tmp_path / "ckpt", epochs=1, grad_checkpointing=True)) / "metrics.json")
+                      .read_text())["history"]
+    assert ckpt[-1]["train_loss"] == pytest.approx(plain[-1]["train_loss"], rel=1e-4, abs=1e-5)
+    with pytest.raises(ConfigError, match="train.grad_checkpointing"):
+        train(tiny_cfg(tmp_path / "bad", epochs=1, grad_checkpointing="yes"))
+    assert not (tmp_path / "bad").exists()

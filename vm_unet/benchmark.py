@@ -80,9 +80,13 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def measure(name: str, size: int, batch: int, device: torch.device, *, train: bool = True, infer: bool = True,
-            warmup: int = 2, repeats: int = 5, compile: bool = False) -> Result:
+            warmup: int = 2, repeats: int = 5, compile: bool = False, grad_checkpointing: bool = False) -> Result:
     torch.manual_seed(0)
     model = build_model(name).to(device)
+    if grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"{name} has no block-level grad checkpointing")
+        model.set_grad_checkpointing(True)
     if compile:
         model = compile_model(model)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vm_unet.kernels import ss2d_core
 from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
@@ -271,7 +272,32 @@ class PatchExpand2D(nn.Module):
         return self.norm(x)
 
 
-class EncoderStage(nn.Module):
+class BlockStage(nn.Module):
+    """A stage's blocks, run in order. With ``grad_checkpointing`` (set by ``set_grad_checkpointing``), a training
+    forward keeps only each block's input and recomputes the block in the backward (non-reentrant
+    ``torch.utils.checkpoint``; the RNG state is restored, so drop-path draws the same): about one more forward of
+    compute for much less activation memory at high resolution (BENCHMARKS.md)."""
+
+    grad_checkpointing = False
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
+        return x
+
+
+def set_grad_checkpointing(module: nn.Module, enable: bool = True) -> nn.Module:
+    """Switch block-level activation checkpointing on (or off) in every stage inside ``module``."""
+    if not isinstance(enable, bool):
+        raise ValueError(f"grad checkpointing must be True or False, got {enable!r}")
+    for m in module.modules():
+        if isinstance(m, BlockStage):
+            m.grad_checkpointing = enable
+    return module
+
+
+class EncoderStage(BlockStage):
     """Encoder stage of either family: blocks, then (except the last stage) a downsample.
 
     Returns (features after the blocks, input of the next stage)."""
@@ -282,8 +308,7 @@ class EncoderStage(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for blk in self.blocks:
-            x = blk(x)
+        x = self.run_blocks(x)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
@@ -311,6 +336,10 @@ class StagedEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "StagedEncoder":
+        """Recompute each block in the backward instead of storing its activations (see ``BlockStage``)."""
+        return set_grad_checkpointing(self, enable)
 
     def forward_stages(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """x (B, C, H, W) -> (stage inputs, stage features, last output) in the family's layout."""

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from vm_unet.kernels.routes import route_info
 
-from .vmamba import PatchExpand2D, VSSBlock, VSSEncoder, init_vmamba_weights, number_quadtree_routers
+from .vmamba import (BlockStage, PatchExpand2D, VSSBlock, VSSEncoder, init_vmamba_weights, number_quadtree_routers,
+                     set_grad_checkpointing)
 from .vmamba_fast import PatchExpandFast, VSSBlockFast, VSSEncoderFast
 
 FAMILIES = ("v0", "fast")
 
 
-class DecoderStage(nn.Module):
+class DecoderStage(BlockStage):
     def __init__(self, upsample: nn.Module | None, blocks: Sequence[nn.Module]):
         super().__init__()
         self.upsample = upsample
@@ -30,9 +31,7 @@ class DecoderStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.upsample is not None:
             x = self.upsample(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return x
+        return self.run_blocks(x)
 
 
 def _drop_path_rates(rate: float, depths: Sequence[int]) -> list[float]:
@@ -115,6 +114,11 @@ class VMUNet(nn.Module):
                              f"channels (shape {tuple(x.shape)})")
         if x.numel() == 0:
             raise ValueError(f"VMUNet got an empty tensor of shape {tuple(x.shape)}")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "VMUNet":
+        """Block-level activation checkpointing in the encoder and decoder (see ``BlockStage``); training at high
+        resolution then needs much less memory for about one more forward of compute."""
+        return set_grad_checkpointing(self, enable)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Padded input -> decoder output before the final expand (B, h, w, C) or (B, C, h, w)."""

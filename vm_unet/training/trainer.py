@@ -151,6 +151,17 @@ def compile_for_training(net: torch.nn.Module, enabled) -> torch.nn.Module:
     return compile_model(net) if enabled else net
 
 
+def set_grad_checkpointing(model: torch.nn.Module, enabled) -> None:
+    """``train.grad_checkpointing``: recompute each block in the backward instead of storing its activations
+    (high-resolution training in less memory; BENCHMARKS.md has the trade)."""
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"train.grad_checkpointing must be true or false, got {enabled!r}")
+    if enabled:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"train.grad_checkpointing: model {type(model).__name__} does not support it")
+        model.set_grad_checkpointing(True)
+
+
 # ------------------------------------------------------------------------------------------------------- train
 def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | None = None) -> Path:
     """Train from a config dict (see ``config.DEFAULTS``); returns the run folder.
@@ -197,6 +208,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
         raise
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).strip(chr(39))}") from None
+    set_grad_checkpointing(model, tc.get("grad_checkpointing", False))
     model.to(dev)
 
     bs = int(tc["batch_size"])
