@@ -111,7 +111,7 @@ _FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True
 # states and backward passes. From rank min_rank on (and for d_state >= min_state, where the scan's own work per
 # position is large enough that reading Δ costs less than the product), Δ = W_k @ low_k is one batched GEMM and the
 # kernels read it: measured on H200 (BENCHMARKS.md), N=16 fwd+bwd -7% at R=12, -17% at R=24, -45% at R=48, about
-# even at R=6 (+0.4 GB); N=1 (memory-bound) +10% slower at R >= 12.
+# even at R=6 (+0.4 GB); N=1 (memory-bound) 11-16% slower at R >= 12.
 DELTA_OPTS = {"min_rank": 12, "min_state": 8}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import matplotlib.image as mpimg
+import pytest
 import torch
 
 from vm_unet.benchmark import Result, format_table, measure, plot_results
@@ -16,6 +17,9 @@ def test_measure_one_model_on_cpu():
     assert r.train_peak_gb is None and r.infer_peak_gb is None       # peak memory is a CUDA statistic
     row = format_table([r]).splitlines()[-1]
     assert row.startswith("| vmunet_isic | 64² | 1 |")
+    pytest.importorskip("monai")
+    peer = measure("monai_unet", 64, 1, torch.device("cpu"), grad_checkpointing=True)
+    assert peer.note == "no block checkpointing" and peer.train_img_s is None
 
 
 def test_plot_draws_only_measured_panels(tmp_path):
