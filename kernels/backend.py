@@ -5,7 +5,6 @@ on CPU this needs ``TRITON_INTERPRET=1``) or ``torch`` (force the reference ever
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -21,9 +20,13 @@ def requested_backend() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+# looked up once at import: a call into importlib (or an lru_cache wrapper) inside the model's forward is a graph
+# break for torch.compile, one per SS2D layer (37 in vmunet_isic)
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreting() -> bool:
