@@ -295,34 +295,35 @@ def test_opcheck_fake_and_autograd_registration():
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def _graph_breaks(device: str, train: bool) -> list[str]:
+def _graph_breaks(name: str, device: str, train: bool) -> list[str]:
     """Graph breaks torch.compile would make in a (tiny) model whose SS2D layers take the Triton path."""
     import vm_unet
     from conftest import TINY
     torch._dynamo.reset()
-    out = []
-    for name in ("vmunet_isic", "vmunet_fast"):
-        model = vm_unet.create_model(name, **TINY).to(device).train(train)
-        expl = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=device))
-        out += [f"{name}: {r.reason}" for r in expl.break_reasons]
+    model = vm_unet.create_model(name, **TINY).to(device).train(train)
+    expl = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32, device=device))
     torch._dynamo.reset()
-    return out
+    return [str(r.reason) for r in expl.break_reasons]
+
+
+# both families and both modes, two cases (the interpreter is slow)
+ONE_GRAPH_CASES = [("vmunet_isic", False), ("vmunet_fast", True)]
 
 
 @cpu_only
-@pytest.mark.parametrize("train", [False, True])
-def test_compiled_model_is_one_graph(train, monkeypatch):
+@pytest.mark.parametrize("name,train", ONE_GRAPH_CASES)
+def test_compiled_model_is_one_graph(name, train, monkeypatch):
     # the backend dispatch inside every SS2D layer must trace: one graph for the whole model, so inductor fuses
     # across the custom ops (torch 2.11 broke the graph at a cached importlib lookup, once per layer)
     monkeypatch.setenv("VM_UNET_BACKEND", "triton")
-    assert _graph_breaks("cpu", train) == []
+    assert _graph_breaks(name, "cpu", train) == []
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("train", [False, True])
-def test_gpu_compiled_model_is_one_graph(train):
-    assert _graph_breaks("cuda", train) == []
+@pytest.mark.parametrize("name,train", ONE_GRAPH_CASES + [("vmunet_isic", True), ("vmunet_fast", False)])
+def test_gpu_compiled_model_is_one_graph(name, train):
+    assert _graph_breaks(name, "cuda", train) == []
 
 
 @pytest.mark.skipif(not STALE, reason="only when triton was imported before the interpreter could be enabled")
