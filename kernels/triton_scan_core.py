@@ -508,10 +508,9 @@ def same_chunking(a: LaunchPlan, b: LaunchPlan) -> bool:
     return all(getattr(a, f) == getattr(b, f) for f in ("np", "bl", "nchunk", "nseg", "cps"))
 
 
-def states_buffer(dims: ScanDims, plan: LaunchPlan, device) -> torch.Tensor:
-    """The backward's chunk-start states, fp32 (b, K, D, nchunk, NP) flat: NP/BL of the size of u per slot."""
-    return torch.empty(dims.batch * dims.slots * dims.channels * plan.nchunk * plan.np, device=device,
-                       dtype=torch.float32)
+def states_numel(batch: int, slots: int, channels: int, plan: LaunchPlan) -> int:
+    """Size of the backward's chunk-start states, fp32 (b, K, D, nchunk, NP) flat: NP/BL of u per slot."""
+    return batch * slots * channels * plan.nchunk * plan.np
 
 
 def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, g: tuple, du: tuple,
@@ -525,7 +524,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     ph = prefix[0]
     dev = ph.device
     if saved is None:
-        states = states_buffer(dims, plan, dev)
+        states = torch.empty(states_numel(dims.batch, dims.slots, dims.channels, plan), device=dev,
+                             dtype=torch.float32)
         seg_bufs = scan_forward(prefix, dims, plan, flags, states=states)
     else:
         # the dh-carry pass below stores the segments' ΣΔ again: into a copy, the saved tensor stays as it was

@@ -139,7 +139,7 @@ def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool) -> t
     bplan = core.launch_plan(n, L, d, backward=True, rows=b * k)
     if not (keep_states and core.same_chunking(fplan, bplan) and fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO):
         return (0,), (0,)
-    return (b * k * d * fplan.nchunk * fplan.np,), ((b, k, fplan.nseg, d) if fplan.nseg > 1 else (0,))
+    return (core.states_numel(b, k, d, fplan),), ((b, k, fplan.nseg, d) if fplan.nseg > 1 else (0,))
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())

@@ -156,10 +156,9 @@ def set_grad_checkpointing(model: torch.nn.Module, enabled) -> None:
     (high-resolution training in less memory; BENCHMARKS.md has the trade)."""
     if not isinstance(enabled, bool):
         raise ConfigError(f"train.grad_checkpointing must be true or false, got {enabled!r}")
-    if enabled:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError(f"train.grad_checkpointing: model {type(model).__name__} does not support it")
-        model.set_grad_checkpointing(True)
+    from vm_unet.models import set_grad_checkpointing as set_on_stages  # noqa: PLC0415
+
+    set_on_stages(model, enabled)
 
 
 # ------------------------------------------------------------------------------------------------------- train
