@@ -99,7 +99,7 @@ def run_case(args) -> dict:
 
     model, meta = load_checkpoint(tmp / "m.pth")
     pred = Predictor(model, meta, device, mode="window", tta=args.tta, overlap=args.overlap,
-                     sw_batch_size=args.sw_batch_size, compile=args.compile)
+                     sw_batch_size=args.sw_batch_size, compile=args.compile, cuda_graphs=args.cuda_graphs)
     if args.pipeline_only:
         # Measures everything but the network (read, normalise, window extraction, gaussian stitching, labels,
         # write) and the CPU memory of the whole-image arrays; reported as such, never as model speed.
@@ -126,6 +126,7 @@ def run_case(args) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}",
         "model": "1x1 conv (pipeline only)" if args.pipeline_only else args.model + (" tiny" if args.tiny else ""), "params": n_params, "window": args.size,
         "sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "tta": args.tta,
+        "compile": args.compile or args.cuda_graphs, "cuda_graphs": args.cuda_graphs,
         "amp_bf16": bool(pred.amp), "seconds_total": round(t2 - t0, 2),
         "seconds_segment": round(t1 - t0, 2),  # read + normalise + network + stitching, no output writing
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if device.type == "cuda" else None,
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--tta", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (compile time included; inductor's disk cache shortens reruns)")
+    p.add_argument("--cuda-graphs", action="store_true", help="--compile and replay as CUDA graphs (CUDA only)")
     p.add_argument("--max-band-mb", type=float, default=1024.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")

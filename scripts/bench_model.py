@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch.compile every model with CUDA graphs (mode reduce-overhead); CUDA only")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="our models recompute each block in the backward (less training memory)")
     p.add_argument("--out", type=Path, default=None, help="write results JSON (and a PNG plot) here")
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.cuda_graphs and device.type != "cuda":
+        print("error: --cuda-graphs needs --device cuda", file=sys.stderr)
         return 2
     defaults = {256: 32, 512: 8, 1024: 2, 2048: 1} if device.type == "cuda" else {}
     batches = args.batches or [defaults.get(s, 1) for s in args.sizes]
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = measure(model, size, batch, device, train=not args.no_train, infer=not args.no_infer,
                             warmup=args.warmup, repeats=args.repeats, compile=args.compile,
-                            grad_checkpointing=args.grad_checkpointing)
+                            cuda_graphs=args.cuda_graphs, grad_checkpointing=args.grad_checkpointing)
             except ImportError as exc:
                 print(f"skipping {model}: {exc}", file=sys.stderr)
                 continue

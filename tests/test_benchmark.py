@@ -35,3 +35,16 @@ def test_plot_draws_only_measured_panels(tmp_path):
     assert not (tmp_path / "none.png").exists()
     assert not list(tmp_path.glob(".*tmp*"))      # written atomically
     json.dumps([r.__dict__ for r in rows])         # rows serialise as the script writes them
+
+
+def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--cuda-graphs", "--models", "vmunet_isic", "--sizes", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --cuda-graphs needs --device cuda"

@@ -21,6 +21,7 @@ from PIL import Image
 import vm_unet
 from vm_unet.checkpoint import save_checkpoint
 from vm_unet.datasets.intensity import normalize_intensity
+from vm_unet.errors import UserError
 from vm_unet.inference import Predictor, segment_image, segment_volume
 from vm_unet.inference.cli import main
 from vm_unet.inference.image2d import band_rows_for, normalizer_for
@@ -521,3 +522,78 @@ def test_predictor_compile_matches_eager(ckpts, monkeypatch):
     assert len(calls) == 1                       # compiled once, reused
     pred.model = torch.nn.Conv2d(3, 1, 1)
     assert pred(x).shape == (2, 1, 40, 36) and calls[-1] is pred.model
+
+
+class _RecordingCompiled(torch.nn.Module):
+    """Stands in for ``torch.compile``'s wrapper: records the batch sizes and options the network is run with."""
+
+    def __init__(self, model, cuda_graphs, log):
+        super().__init__()
+        self._orig_mod, self.log = model, log
+        log.append(("compiled", cuda_graphs))
+
+    def forward(self, x):
+        self.log.append(x.shape[0])
+        return self._orig_mod(x)
+
+
+def test_compiled_predictor_runs_one_batch_size(ckpts, monkeypatch, tmp_path):
+    """A compiled network sees only ``sw_batch_size``-long batches (the short last one padded, its padding dropped),
+    so a volume or a sliding window compiles, and captures a CUDA graph, once; probabilities equal eager ones."""
+    import vm_unet.models
+
+    log = []
+    monkeypatch.setattr(vm_unet.models, "compile_model",
+                        lambda model, cuda_graphs=False: _RecordingCompiled(model, cuda_graphs, log))
+    x = torch.rand(5, 3, 32, 32)
+    eager = _predictor(ckpts.rgb, sw_batch_size=3)(x)
+    pred = _predictor(ckpts.rgb, sw_batch_size=3, compile=True)
+    assert torch.allclose(pred(x), eager, atol=1e-5)
+    assert log == [("compiled", False), 3, 3]            # 5 inputs: a batch of 3, then 2 padded to 3
+
+    log.clear()                                          # sliding windows: 4 windows of 32² in a 48x40 input
+    big = torch.rand(1, 3, 48, 40)
+    assert torch.allclose(pred(big), _predictor(ckpts.rgb, sw_batch_size=3)(big), atol=1e-5)
+    assert log == [3, 3]
+
+    log.clear()
+    src = _nifti(tmp_path / "v.nii.gz", _blob_volume((32, 32, 7)))
+    vol = _predictor(ckpts.vol, sw_batch_size=4, compile=True)
+    res = segment_volume(src, vol, probabilities=True, progress=False)
+    ref = segment_volume(src, _predictor(ckpts.vol, sw_batch_size=4), probabilities=True, progress=False)
+    np.testing.assert_allclose(res.probs, ref.probs, atol=1e-5)
+    assert log == [("compiled", False), 4, 4]            # 7 slices: 4, then 3 padded to 4
+
+
+def test_cuda_graphs_need_cuda(ckpts, tmp_path, capsys):
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        _predictor(ckpts.rgb, cuda_graphs=True)
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb_picture(40, 36)).save(src)
+    rc, out, err = _run([src, "-c", ckpts.rgb, "-o", tmp_path / "out", "--device", "cpu", "--cuda-graphs"], capsys)
+    assert rc != 0 and err.strip().count("\n") == 0 and "CUDA" in err
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_match_eager(ckpts, tmp_path):
+    """``--cuda-graphs``: inductor captures the network (no cudagraph skips) and replays give the eager
+    probabilities, also for the padded last batch and under TTA (four replays per batch)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.rand(7, 3, 32, 32)
+    for tta in (False, True):
+        eager = _predictor(ckpts.rgb, device="cuda", amp=False, sw_batch_size=4, tta=tta)(x)
+        graphs = _predictor(ckpts.rgb, device="cuda", amp=False, sw_batch_size=4, tta=tta, cuda_graphs=True)
+        for _ in range(3):                               # warm-up, capture, replays
+            torch.testing.assert_close(graphs(x), eager, atol=2e-4, rtol=0)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    src = _nifti(tmp_path / "v.nii.gz", _blob_volume((40, 36, 9)))
+    ref = segment_volume(src, _predictor(ckpts.vol, device="cuda", amp=False, sw_batch_size=4), probabilities=True,
+                         progress=False)
+    got = segment_volume(src, _predictor(ckpts.vol, device="cuda", amp=False, sw_batch_size=4, cuda_graphs=True),
+                         probabilities=True, progress=False)
+    np.testing.assert_allclose(got.probs, ref.probs, atol=2e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

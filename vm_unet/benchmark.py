@@ -80,15 +80,17 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def measure(name: str, size: int, batch: int, device: torch.device, *, train: bool = True, infer: bool = True,
-            warmup: int = 2, repeats: int = 5, compile: bool = False, grad_checkpointing: bool = False) -> Result:
+            warmup: int = 2, repeats: int = 5, compile: bool = False, cuda_graphs: bool = False,
+            grad_checkpointing: bool = False) -> Result:
     torch.manual_seed(0)
     model = build_model(name).to(device)
     if grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):   # the peers: a row that says so, nothing measured
             return Result(name, size, batch, None, None, None, None, "no block checkpointing")
         model.set_grad_checkpointing(True)
-    if compile:
-        model = compile_model(model)
+    if compile or cuda_graphs:
+        model = compile_model(model, cuda_graphs=cuda_graphs)
+        warmup = max(warmup, 3)   # compile, then (CUDA graphs) one warm-up run and the capture, before timing
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     x = torch.randn(batch, 3, size, size, device=device)

@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network: faster on GPUs (BENCHMARKS.md) after a compile of about a "
-                        "minute per window-batch shape; worth it for many or large inputs")
+                        "minute per window shape; worth it for many or large inputs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="--compile and replay the network as CUDA graphs (CUDA only): removes the kernel-launch cost "
+                        "that dominates small --sw-batch-size (5x at batch 1, BENCHMARKS.md)")
     p.add_argument("--max-band-mb", type=float, default=1024.0,
                    help="images: CPU memory for the float buffers of one band of rows (default 1024)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-case lines")
@@ -171,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sw_batch_size is None:
         args.sw_batch_size = 32 if device.type == "cuda" else 4
     predictor = Predictor(model, meta, device, mode=mode, tta=args.tta, overlap=args.overlap,
-                          sw_batch_size=args.sw_batch_size, amp=amp, compile=args.compile)
+                          sw_batch_size=args.sw_batch_size, amp=amp, compile=args.compile,
+                          cuda_graphs=args.cuda_graphs)
     if args.axis is not None and ck_kind != "volume":
         raise InputError("--axis applies to volume checkpoints only")
     if args.overlay and ck_kind == "volume":

@@ -56,6 +56,7 @@ class Predictor:
     amp: bool | None = None  # None: bf16 autocast on CUDA when supported, fp32 elsewhere
     stitch_device: torch.device | str = "cpu"
     compile: bool = False   # torch.compile the network: faster after a warm-up compile per input shape
+    cuda_graphs: bool = False  # compile and replay as CUDA graphs (CUDA only): for small window batches
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -64,6 +65,8 @@ class Predictor:
             raise UserError(f"--overlap must be in [0, 1), got {self.overlap}")
         if self.sw_batch_size < 1:
             raise UserError(f"--sw-batch-size must be >= 1, got {self.sw_batch_size}")
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise UserError(f"--cuda-graphs needs a CUDA device, got {self.device}")
         pre = self.meta.get("preprocessing", {}) or {}
         size = pre.get("image_size", [256, 256])
         size = [int(size)] * 2 if isinstance(size, (int, float)) else [int(s) for s in size]
@@ -84,21 +87,31 @@ class Predictor:
         self.model.to(self.device).eval()
         self._compiled = None
 
+    @property
+    def compiled(self) -> bool:
+        return self.compile or self.cuda_graphs
+
     def _network(self) -> torch.nn.Module:
-        if not self.compile:
+        if not self.compiled:
             return self.model
-        # compiled lazily and again if ``model`` is replaced; the wrapper shares the module's weights and
-        # recompiles once per window-batch shape (few: full batches and the last one)
+        # compiled lazily and again if ``model`` is replaced; the wrapper shares the module's weights and compiles
+        # once per window shape (``_probs`` pads short batches to ``sw_batch_size``)
         if self._compiled is None or self._compiled._orig_mod is not self.model:
             from vm_unet.models import compile_model  # noqa: PLC0415
 
-            self._compiled = compile_model(self.model)
+            self._compiled = compile_model(self.model, cuda_graphs=self.cuda_graphs)
         return self._compiled
 
     # ---------------------------------------------------------------------------------------------- forward
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.compiled and n < self.sw_batch_size:
+            # a compiled network sees one batch size: padding the last short batch costs less than compiling (and
+            # capturing) a second graph for it
+            x = torch.cat([x, x.new_zeros((self.sw_batch_size - n, *x.shape[1:]))])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.amp)):
-            logits = self._network()(x)
+            logits = self._network()(x)[:n]
+        # sigmoid / softmax write new tensors: a CUDA-graph output is consumed before the next replay overwrites it
         logits = logits.float()
         return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
 

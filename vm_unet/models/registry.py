@@ -61,8 +61,12 @@ def create_model(name: str, in_chans: int = 3, num_classes: int = 1, pretrained:
     return model
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, cuda_graphs: bool = False) -> nn.Module:
     """``torch.compile`` as the trainer, the predictor and the benchmark use it. Static shapes: each new input shape
     compiles once (a few per run: full and last batches); the automatic dynamic-shape recompile that follows a
-    second shape hit an inductor assertion on this model (torch 2.11, H200, BENCHMARKS.md)."""
-    return torch.compile(model, dynamic=False)
+    second shape hit an inductor assertion on this model (torch 2.11, H200, BENCHMARKS.md).
+
+    ``cuda_graphs``: also replay the compiled graph as a CUDA graph (``mode="reduce-overhead"``), which removes the
+    per-kernel launch cost that dominates small batches. Outputs then live in memory the next call overwrites, so a
+    caller must consume them (or clone them) before calling again."""
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
