@@ -25,8 +25,9 @@ from .routes import route_indices
 
 
 @functools.lru_cache(maxsize=256)
-def _route_plan(route: str, h: int, w: int, device: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """Gather maps in the layout each direction reads best, the slot map, and which directions are transposed.
+def _route_plan_host(route: str, h: int, w: int, pin: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Gather maps in the layout each direction reads best, and which directions are transposed, packed in one
+    host int32 tensor: K*L map entries, then the K slot flags (pinned when it will be copied to a GPU).
 
     A direction whose steps are contiguous in the transposed image (column-major routes) reads a transposed copy
     of x (one extra copy for all such directions, not one per direction) and its own dt_low/B/C slice transposed,
@@ -40,7 +41,21 @@ def _route_plan(route: str, h: int, w: int, device: str) -> tuple[torch.Tensor, 
     lay = (contiguity(tmap) > contiguity(idx)) & (h > 1) & (w > 1)
     eff = torch.where(lay[:, None], tmap, idx)
     # int32 keeps a map at 4 bytes a position; H*W < 2**31 always here
-    return eff.to(torch.int32).to(device), lay.to(torch.int32).to(device), tuple(int(v) for v in lay)
+    packed = torch.cat([eff.flatten(), lay]).to(torch.int32)
+    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay)
+
+
+def _route_plan(route: str, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(gather maps (K, L), slot map (K,), transposed flags) on ``device``. The maps are cached on the host and
+    copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built while CUDA graphs
+    are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs' private
+    memory pool, which must hold only the graph's own tensors."""
+    device = torch.device(device)
+    packed, lay = _route_plan_host(route, h, w, device.type == "cuda")
+    if packed.device != device:
+        packed = packed.to(device, non_blocking=True)
+    k, length = len(lay), h * w
+    return packed[:k * length].view(k, length), packed[k * length:], lay
 
 
 def _swap(t: torch.Tensor, lay, rows: int, cols: int) -> torch.Tensor:
@@ -83,7 +98,7 @@ def _prep(x, dt_low, B, C, dt_weight, lay):
 def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device) -> tuple:
     """(idx, batch stride, direction stride, kmap, lay) for a named route or an index map (K, L) / (b, K, L)."""
     if order is None:
-        idx, kmap, lay = _route_plan(route, h, w, str(device))
+        idx, kmap, lay = _route_plan(route, h, w, device)
         return idx, 0, idx.stride(0), kmap, lay
     # per-sample maps (data-dependent routes): read as given, no transposed layout
     idx = order.to(device=device, dtype=torch.int32).contiguous()
