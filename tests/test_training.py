@@ -256,7 +256,38 @@ def test_train_compile_option(tmp_path, monkeypatch):
     assert calls == ["VMUNet"]
     assert compiled[-1]["train_loss"] == pytest.approx(eager[-1]["train_loss"], rel=1e-4, abs=1e-5)
     with pytest.raises(ConfigError, match="train.compile"):
-        trainer_mod.compile_for_training(torch.nn.Identity(), "yes")
+        trainer_mod.compile_options({"compile": "yes"}, "cuda", False)
+
+
+def test_train_cuda_graphs_option_checks(tmp_path):
+    """``train.cuda_graphs`` is for one CUDA device: on CPU, under DDP or not a boolean it is a one-line config
+    error before anything is written."""
+    import vm_unet.training.trainer as trainer_mod
+    from vm_unet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        train(tiny_cfg(tmp_path / "cpu", epochs=1, cuda_graphs=True))
+    assert not (tmp_path / "cpu").exists()
+    with pytest.raises(ConfigError, match="one GPU"):
+        trainer_mod.compile_options({"cuda_graphs": True}, "cuda", True)
+    with pytest.raises(ConfigError, match="train.cuda_graphs must be true or false"):
+        trainer_mod.compile_options({"cuda_graphs": 1}, "cuda", False)
+    assert trainer_mod.compile_options({"cuda_graphs": True}, "cuda", False) == (True, True)
+    assert trainer_mod.compile_options({}, "cpu", False) == (False, False)
+
+
+@pytest.mark.gpu
+def test_gpu_train_cuda_graphs(tmp_path):
+    """Training through CUDA graphs (the last batch shorter, so two captured shapes) gives the eager losses
+    (no drop path: inductor draws its own random numbers)."""
+    def run(out, **kw):
+        cfg = dict(tiny_cfg(out, epochs=2, batch_size=5, amp="off", **kw), device="cuda")
+        cfg["model"]["overrides"]["drop_path_rate"] = 0.0
+        return json.loads((train(cfg) / "metrics.json").read_text())
+    eager, graphs = run(tmp_path / "e"), run(tmp_path / "g", cuda_graphs=True)
+    assert len(eager["history"]) == len(graphs["history"]) == 2
+    for a, b in zip(eager["history"], graphs["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3, abs=1e-4)
 
 
 def test_train_grad_checkpointing_option(tmp_path):

@@ -23,7 +23,7 @@ DEFAULTS: dict = {
         "warmup_steps": 20, "min_lr_ratio": 0.01, "amp": "auto", "grad_clip": 1.0, "ema": None,
         "loss": {"ce_weight": 1.0, "dice_weight": 1.0}, "nan_policy": "stop", "val_batch_size": None,
         "overlays": 4, "hd95": True, "keep_epoch_checkpoints": False, "log_every": 10, "compile": False,
-        "grad_checkpointing": False,
+        "cuda_graphs": False, "grad_checkpointing": False,
     },
 }
 

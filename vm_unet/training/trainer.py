@@ -140,15 +140,28 @@ def _new_run_dir(cfg: dict) -> Path:
     return d
 
 
-def compile_for_training(net: torch.nn.Module, enabled) -> torch.nn.Module:
+def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
+    """``train.compile`` and ``train.cuda_graphs``, checked: (compile the training forward, with CUDA graphs)."""
+    for key in ("compile", "cuda_graphs"):
+        if not isinstance(tc.get(key, False), bool):
+            raise ConfigError(f"train.{key} must be true or false, got {tc.get(key)!r}")
+    graphs = tc.get("cuda_graphs", False)
+    if graphs and device != "cuda":
+        raise ConfigError(f"train.cuda_graphs needs a CUDA device (device is {device})")
+    if graphs and ddp:
+        raise ConfigError("train.cuda_graphs runs on one GPU; with several processes use train.compile")
+    return tc.get("compile", False) or graphs, graphs
+
+
+def compile_for_training(net: torch.nn.Module, enabled: bool, cuda_graphs: bool = False) -> torch.nn.Module:
     """``train.compile``: torch.compile the training forward (the scan kernels are custom ops, so the graph stays
-    whole and inductor fuses the norms, gates and casts around them; BENCHMARKS.md). Validation, EMA and
-    checkpoints keep using the plain module, which shares the parameters."""
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"train.compile must be true or false, got {enabled!r}")
+    whole and inductor fuses the norms, gates and casts around them; BENCHMARKS.md). ``train.cuda_graphs`` also
+    replays forward and backward as CUDA graphs (no per-kernel launch cost; the last, shorter batch of an epoch
+    gets a graph of its own). Validation, EMA and checkpoints keep using the plain module, which shares the
+    parameters."""
     from vm_unet.models import compile_model  # noqa: PLC0415
 
-    return compile_model(net) if enabled else net
+    return compile_model(net, cuda_graphs=cuda_graphs) if enabled else net
 
 
 def set_grad_checkpointing(model: torch.nn.Module, enabled) -> None:
@@ -208,6 +221,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).strip(chr(39))}") from None
     set_grad_checkpointing(model, tc.get("grad_checkpointing", False))
+    compiled, cuda_graphs = compile_options(tc, device, ddp)
     model.to(dev)
 
     bs = int(tc["batch_size"])
@@ -269,8 +283,8 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     net = model
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device == "cuda" else None)
-    net = compile_for_training(net, tc.get("compile", False))
-    if main and tc.get("compile"):
+    net = compile_for_training(net, compiled, cuda_graphs)
+    if main and compiled:
         print("train.compile: the first steps compile the model (about a minute on a GPU)", flush=True)
 
     created = False
@@ -328,6 +342,10 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
             for batch in bar:
                 x = batch["image"].to(dev, non_blocking=True)
                 y = batch["mask"].to(dev, non_blocking=True)
+                if cuda_graphs:
+                    # a new step for the graphs' memory: also right after a skipped (NaN) batch left its backward
+                    # pending, which the automatic step detection would misread
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device_type=device, dtype=adt or torch.float32, enabled=adt is not None):
                     logits = net(x)
                 loss = loss_fn(logits, y)
