@@ -602,3 +602,17 @@ def test_gpu_cuda_graphs_match_eager(ckpts, tmp_path):
                          progress=False)
     np.testing.assert_allclose(got.probs, ref.probs, atol=2e-4)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_cli_compile_says_it_compiles(ckpts, monkeypatch, tmp_path, capsys):
+    import vm_unet.models
+
+    log = []
+    monkeypatch.setattr(vm_unet.models, "compile_model",
+                        lambda model, cuda_graphs=False: _RecordingCompiled(model, cuda_graphs, log))
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb_picture(40, 36)).save(src)
+    rc = main([str(src), "-c", str(ckpts.rgb), "-o", str(tmp_path / "out"), "--device", "cpu", "--compile"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "--compile: the first batch compiles the network" in out
+    assert log[0] == ("compiled", False) and (tmp_path / "out" / "a.png").exists()

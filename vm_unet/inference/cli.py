@@ -184,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"checkpoint {args.checkpoint.name}: {meta.get('model_name')} for {ck_kind}s, {predictor.in_chans} "
               f"channel(s), classes {predictor.class_names}, training size {predictor.image_size}; "
               f"device {device}, mode {mode}{', TTA' if args.tta else ''}", flush=True)
+        if predictor.compiled:
+            print(f"{'--cuda-graphs' if args.cuda_graphs else '--compile'}: the first batch compiles the network "
+                  "(about a minute, once per window shape)", flush=True)
         if args.mode == "auto" and "inference_mode" not in pre:
             print("note: window mode runs the network at the input's native resolution; if the model was trained "
                   "on whole images/slices resized to the training size, use --mode resize", file=sys.stderr)
