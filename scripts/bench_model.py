@@ -4,6 +4,7 @@
 Examples:
     python scripts/bench_model.py --device cuda --sizes 256 1024 2048 --batches 32 2 1
     python scripts/bench_model.py --device cpu --models vmunet_isic swinunetr --sizes 256 --batches 1
+    python scripts/bench_model.py --replot results.json        # redraw results.png from a saved run
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, measure, plot_results
+from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, load_results, measure, plot_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write results JSON (and a PNG plot) here")
     p.add_argument("--profile", type=Path, default=None,
                    help="profile one train step per (model, size) with torch.profiler; top-ops tables go here")
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only draw the PNG of a results JSON written by --out (next to it, same name); no measuring")
     args = p.parse_args(argv)
+
+    if args.replot:
+        try:
+            info, results = load_results(args.replot)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {args.replot}: not a results JSON written by --out ({exc})", file=sys.stderr)
+            return 2
+        png = args.replot.with_suffix(".png")
+        plot_results(results, png, title=" · ".join(str(info[k]) for k in ("device", "date") if k in info))
+        print(format_table(results))
+        print(f"wrote {png}")
+        return 0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -82,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": name, "date": str(date.today()), "results": as_dicts(results)},
                                        indent=2))
-        plot_results(results, args.out.with_suffix(".png"))
+        plot_results(results, args.out.with_suffix(".png"), title=f"{name} · {date.today()}")
     return 0
 
 

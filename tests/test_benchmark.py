@@ -37,7 +37,7 @@ def test_plot_draws_only_measured_panels(tmp_path):
     json.dumps([r.__dict__ for r in rows])         # rows serialise as the script writes them
 
 
-def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
+def _bench_model_script():
     import importlib.util
     from pathlib import Path
 
@@ -45,6 +45,42 @@ def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("bench_model", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
+    script = _bench_model_script()
     assert script.main(["--device", "cpu", "--cuda-graphs", "--models", "vmunet_isic", "--sizes", "64"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --cuda-graphs needs --device cuda"
+
+
+def test_bench_model_replot(tmp_path, capsys):
+    """``--replot`` redraws a saved run (the committed plots under docs/benchmarks come from it); a file that is
+    not a results JSON is a one-line error."""
+    from dataclasses import asdict
+
+    script = _bench_model_script()
+    rows = [Result("a", s, 1, None, None, 100.0 / s, 1e-5 * s * s) for s in (256, 512)]
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"device": "GPU x", "date": "2026-11-21", "results": [asdict(r) for r in rows]}))
+    assert script.main(["--replot", str(saved)]) == 0
+    assert mpimg.imread(tmp_path / "run.png").shape[0] > 100 and "| a | 512² |" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    assert script.main(["--replot", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and not (tmp_path / "bad.png").exists()
+
+
+def test_committed_benchmark_results_load():
+    from pathlib import Path
+
+    from vm_unet.benchmark import load_results
+
+    files = sorted((Path(__file__).resolve().parents[1] / "docs" / "benchmarks").glob("*.json"))
+    assert files
+    for f in files:
+        info, rows = load_results(f)
+        assert info["device"] and info["date"] and info["source"] and rows, f
+        assert f.with_suffix(".png").exists(), f

@@ -183,14 +183,25 @@ def as_dicts(results: list[Result]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
+def load_results(path: Path) -> tuple[dict, list[Result]]:
+    """A results JSON as ``bench_model.py --out`` writes it -> (its other fields, e.g. device and date; the rows)."""
+    import json  # noqa: PLC0415
+
+    doc = json.loads(Path(path).read_text())
+    rows = [Result(**r) for r in doc.pop("results")]
+    return doc, rows
+
+
 PLOT_PANELS = {"train_img_s": "train img/s", "train_peak_gb": "train peak GB", "infer_img_s": "inference img/s",
                "infer_peak_gb": "inference peak GB"}
 
 
-def plot_results(results: list[Result], path: Path) -> None:
+def plot_results(results: list[Result], path: Path, title: str | None = None) -> None:
     """Throughput and peak memory against image side, one line per model (log-log), as a PNG. Only the panels
     the run measured are drawn (``--no-train`` / ``--no-infer`` leave theirs empty)."""
-    from vm_unet.training.viz import _atomic_savefig, _plt  # noqa: PLC0415 (matplotlib only when plotting)
+    from matplotlib.ticker import NullLocator  # noqa: PLC0415 (matplotlib only when plotting)
+
+    from vm_unet.training.viz import _atomic_savefig, _plt  # noqa: PLC0415
 
     panels = {k: t for k, t in PLOT_PANELS.items() if any(getattr(r, k) is not None for r in results)}
     if not panels:
@@ -205,14 +216,19 @@ def plot_results(results: list[Result], path: Path) -> None:
             if any(v is not None for v in vals):
                 ax.plot([r.size for r in rs], [float("nan") if v is None else v for v in vals], marker="o",
                         label=model)
-    for ax, title in zip(axes, panels.values()):
+    sides = sorted({r.size for r in results})
+    for ax, panel_title in zip(axes, panels.values()):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sides, [str(s) for s in sides])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("image side (px)")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     _atomic_savefig(fig, Path(path))
     plt.close(fig)
