@@ -141,7 +141,12 @@ def _new_run_dir(cfg: dict) -> Path:
 
 
 def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
-    """``train.compile`` and ``train.cuda_graphs``, checked: (compile the training forward, with CUDA graphs)."""
+    """``train.compile`` and ``train.cuda_graphs``, checked: (compile the training forward, with CUDA graphs).
+
+    Compiling keeps the graph whole (the scan kernels are custom ops), so inductor fuses the norms, gates and casts
+    around them (BENCHMARKS.md); CUDA graphs also replay forward and backward without per-kernel launch cost (the
+    last, shorter batch of an epoch gets a graph of its own). Validation, EMA and checkpoints keep using the plain
+    module, which shares the parameters."""
     for key in ("compile", "cuda_graphs"):
         if not isinstance(tc.get(key, False), bool):
             raise ConfigError(f"train.{key} must be true or false, got {tc.get(key)!r}")
@@ -151,17 +156,6 @@ def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
     if graphs and ddp:
         raise ConfigError("train.cuda_graphs runs on one GPU; with several processes use train.compile")
     return tc.get("compile", False) or graphs, graphs
-
-
-def compile_for_training(net: torch.nn.Module, enabled: bool, cuda_graphs: bool = False) -> torch.nn.Module:
-    """``train.compile``: torch.compile the training forward (the scan kernels are custom ops, so the graph stays
-    whole and inductor fuses the norms, gates and casts around them; BENCHMARKS.md). ``train.cuda_graphs`` also
-    replays forward and backward as CUDA graphs (no per-kernel launch cost; the last, shorter batch of an epoch
-    gets a graph of its own). Validation, EMA and checkpoints keep using the plain module, which shares the
-    parameters."""
-    from vm_unet.models import compile_model  # noqa: PLC0415
-
-    return compile_model(net, cuda_graphs=cuda_graphs) if enabled else net
 
 
 def set_grad_checkpointing(model: torch.nn.Module, enabled) -> None:
@@ -181,7 +175,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     ``resume``: a run folder or a checkpoint; training continues in that run folder. ``callbacks``:
     ``{"on_epoch_end": fn(info)}`` (used by tests to simulate a crash)."""
     from vm_unet.datasets import build_datasets, collate
-    from vm_unet.models import model_config
+    from vm_unet.models import compile_model, model_config
     import vm_unet
 
     callbacks = callbacks or {}
@@ -283,7 +277,8 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     net = model
     if ddp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device == "cuda" else None)
-    net = compile_for_training(net, compiled, cuda_graphs)
+    if compiled:
+        net = compile_model(net, cuda_graphs=cuda_graphs)
     if main and compiled:
         print("train.compile: the first steps compile the model (about a minute on a GPU)", flush=True)
 
