@@ -18,6 +18,7 @@ augmentation stream does not depend on worker count or process RNG state - which
 from __future__ import annotations
 
 import inspect
+import os
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ class PictureTransform:
     """albumentations: resize -> augment -> normalise; returns (C,H,W) float32 tensor and (H,W) int64 tensor."""
 
     def __init__(self, image_size, mean, std, max_pixel_value=255.0, augment=None):
+        # albumentations asks PyPI for its latest version on import (2 s timeout, a warning offline, once per
+        # data-loader process); training on clinical data should not call out. An explicit user setting wins.
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         import albumentations as A
 
         h, w = image_size

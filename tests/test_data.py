@@ -219,3 +219,27 @@ def test_brats_real_volume_loads():
     assert len(b.val) == 155
     m = torch.stack([b.val[i]["mask"] for i in range(0, 155, 5)])
     assert m.max() == 1 and 0 < m.float().mean() < 0.2
+
+
+def test_albumentations_imported_without_its_network_check():
+    """albumentations asks PyPI for its latest version when imported; building our transform turns that off (an
+    explicit NO_ALBUMENTATIONS_UPDATE still wins). Fresh process: albumentations may be imported here already."""
+    import os
+    import subprocess
+    import sys
+    code = ("import urllib.request as u\n"
+            "calls = []\n"
+            "def no_net(self, *a, **k):\n"
+            "    calls.append(a)\n"
+            "    raise OSError('offline')\n"
+            "u.OpenerDirector.open = no_net\n"
+            "from vm_unet.datasets.transforms import PictureTransform\n"
+            "PictureTransform((8, 8), (0.5,) * 3, (0.5,) * 3)\n"
+            "print('calls', len(calls))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "calls 0" in out.stdout
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, NO_ALBUMENTATIONS_UPDATE="0"),
+                         capture_output=True, text=True, timeout=120)
+    assert "calls 1" in out.stdout     # the check the test blocks is real, and the user's choice is kept
