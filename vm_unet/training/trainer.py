@@ -147,25 +147,20 @@ def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
     around them (BENCHMARKS.md); CUDA graphs also replay forward and backward without per-kernel launch cost (the
     last, shorter batch of an epoch gets a graph of its own). Validation, EMA and checkpoints keep using the plain
     module, which shares the parameters."""
-    for key in ("compile", "cuda_graphs"):
-        if not isinstance(tc.get(key, False), bool):
-            raise ConfigError(f"train.{key} must be true or false, got {tc.get(key)!r}")
-    graphs = tc.get("cuda_graphs", False)
+    compiled, graphs = _switch(tc, "compile"), _switch(tc, "cuda_graphs")
     if graphs and device != "cuda":
         raise ConfigError(f"train.cuda_graphs needs a CUDA device (device is {device})")
     if graphs and ddp:
         raise ConfigError("train.cuda_graphs runs on one GPU; with several processes use train.compile")
-    return tc.get("compile", False) or graphs, graphs
+    return compiled or graphs, graphs
 
 
-def set_grad_checkpointing(model: torch.nn.Module, enabled) -> None:
-    """``train.grad_checkpointing``: recompute each block in the backward instead of storing its activations
-    (high-resolution training in less memory; BENCHMARKS.md has the trade)."""
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"train.grad_checkpointing must be true or false, got {enabled!r}")
-    from vm_unet.models import set_grad_checkpointing as set_on_stages  # noqa: PLC0415
-
-    set_on_stages(model, enabled)
+def _switch(tc: dict, key: str) -> bool:
+    """A true/false ``train`` option (default false), checked."""
+    value = tc.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"train.{key} must be true or false, got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------------- train
@@ -175,7 +170,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     ``resume``: a run folder or a checkpoint; training continues in that run folder. ``callbacks``:
     ``{"on_epoch_end": fn(info)}`` (used by tests to simulate a crash)."""
     from vm_unet.datasets import build_datasets, collate
-    from vm_unet.models import compile_model, model_config
+    from vm_unet.models import compile_model, model_config, set_grad_checkpointing
     import vm_unet
 
     callbacks = callbacks or {}
@@ -214,7 +209,9 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
         raise
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).strip(chr(39))}") from None
-    set_grad_checkpointing(model, tc.get("grad_checkpointing", False))
+    # train.grad_checkpointing: recompute each block in the backward instead of storing its activations
+    # (high-resolution training in less memory; BENCHMARKS.md has the trade)
+    set_grad_checkpointing(model, _switch(tc, "grad_checkpointing"))
     compiled, cuda_graphs = compile_options(tc, device, ddp)
     model.to(dev)
 
