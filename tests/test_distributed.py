@@ -28,7 +28,9 @@ def _worker(rank, world, port, q):
         idx = list(ShardSampler(5, rank, world))  # uneven shards: 3 + 2 items
         m.update(pred[idx], tgt[idx], [names[i] for i in idx])
         m.reduce()
-        q.put((rank, m.summary(), m.conf.clone()))
+        # by value (numpy): a tensor would be shared through a file descriptor that dies with this process, a race
+        # with the parent's read (seen as "Connection reset by peer")
+        q.put((rank, m.summary(), m.conf.numpy().copy()))
     finally:
         dist.destroy_process_group()
 
@@ -56,6 +58,7 @@ def test_metrics_reduce_across_two_gloo_ranks():
     ref.update(pred, tgt, names)
     want = ref.summary()
     for _, summ, conf in res:
+        conf = torch.from_numpy(conf)
         assert torch.equal(conf, ref.conf)
         assert summ["n_items"] == 5
         for k, v in want.items():
