@@ -24,7 +24,7 @@ def _strides4(t: torch.Tensor, groups: int):
 def _input_args(u, delta, A, B4, C4, D, z, delta_bias, groups) -> tuple:
     """The argument prefix the forward and backward kernels share: the inputs in selective-scan layout (no route
     gather, no low-rank Δ: those slots get placeholders the kernel never reads)."""
-    return (u, *_strides4(u, groups),
+    return (u, u, *_strides4(u, groups),
             delta, *_strides4(delta, groups),
             A, 0, 0,
             delta_bias if delta_bias is not None else A, A, D if D is not None else A,
@@ -86,7 +86,7 @@ def selective_scan_bwd(grad_out: torch.Tensor, u: torch.Tensor, delta: torch.Ten
     groups = dims.slots
     dA, dD, dbias = core.scan_backward(
         _input_args(u, delta, A, B4, C4, D, zz, delta_bias, groups), dims, plan, flags,
-        g=(grad_out, *_strides4(grad_out, groups)), du=(du, *_strides4(du, groups)), atomic_du=False,
+        g=(grad_out, grad_out, *_strides4(grad_out, groups)), du=(du, *_strides4(du, groups)), atomic_du=False,
         ddt=(ddelta, *_strides4(ddelta, groups)), dz=dz, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()))
     # each absent gradient gets its own empty tensor: custom-op outputs may not alias each other
     return [du, ddelta, dA.to(A.dtype), dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),

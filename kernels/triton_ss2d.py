@@ -68,12 +68,18 @@ def _swap(t: torch.Tensor, lay, rows: int, cols: int) -> torch.Tensor:
     return torch.stack(parts, 1)
 
 
-def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> torch.Tensor:
-    """(b, D, H, W) -> (slots, b, D, H*W): the image, plus its transpose when a direction reads it."""
+def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, D, H, W) -> slot 0 and slot 1 as (b, D, H*W): the image itself (not copied when contiguous), and its
+    transposed copy when a direction reads it (else slot 0 again). The kernels take the two as separate tensors."""
     b, d = t.shape[:2]
+    t0 = t.reshape(b, d, h * w).contiguous()
     if not any(lay):
-        return t.reshape(1, b, d, h * w)
-    return torch.stack([t.reshape(b, d, h * w), t.transpose(-1, -2).reshape(b, d, h * w)])
+        return t0, t0
+    return t0, t.transpose(-1, -2).reshape(b, d, h * w)
+
+
+def _slots(lay) -> int:
+    return 2 if any(lay) else 1
 
 
 def _merge_slots(t: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,14 +115,16 @@ def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device)
 
 def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple[tuple, dict]:
     """The argument prefix the forward and backward kernels share, and their flags: x read through the route map
-    (slot-major layouts from ``_prep``), Δ (see ``_delta_operand``), B, C; no z gate in SS2D (placeholder)."""
+    (its two slots from ``_two_layouts``, two tensors), Δ (see ``_delta_operand``), B, C; no z gate in SS2D
+    (placeholder)."""
     idx, s_ib, s_ik, kmap = maps[:4]
     delta, flags = _delta_operand(lows, W, A.shape[1])
-    return (xx, xx.stride(1), xx.stride(0), xx.stride(2), xx.stride(3),
+    x0, x1 = xx
+    return (x0, x1, x0.stride(0), 0, x0.stride(1), x0.stride(2),
             *delta,
             dt_bias, A, Ds,
             Bs, *Bs.stride(), Cs, *Cs.stride(),
-            xx, 0, 0, 0, 0,
+            x0, 0, 0, 0, 0,
             idx, s_ib, s_ik, kmap), flags
 
 
@@ -165,7 +173,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps[4])
     n = A.shape[1]
-    out = torch.zeros(xx.shape, device=x.device, dtype=torch.float32)
+    out = torch.zeros(_slots(maps[4]), b, d, L, device=x.device, dtype=torch.float32)
     prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     plan = core.launch_plan(n, L, d, backward=False, rows=b * k)
@@ -198,9 +206,9 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
     n = A.shape[1]
     prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
-    g = _two_layouts(grad, h, w, lay)
+    g0, g1 = _two_layouts(grad, h, w, lay)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.zeros(xx.shape, **f32)
+    dx = torch.zeros(_slots(lay), b, d, L, **f32)
     ddt = torch.empty(b, k, d, L, **f32)       # dΔ in each direction's read layout (same as lows)
     dB = torch.zeros(b, k, n, L, **f32)
     dC = torch.zeros(b, k, n, L, **f32)
@@ -208,7 +216,7 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     plan = core.launch_plan(n, L, d, backward=True, rows=b * k)
     dA, dD, dbias = core.scan_backward(
         prefix, dims, plan, flags,
-        g=(g, g.stride(1), g.stride(0), g.stride(2), g.stride(3)),
+        g=(g0, g1, g0.stride(0), 0, g0.stride(1), g0.stride(2)),
         du=(dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3)), atomic_du=True,
         ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()),
         saved=(states, seg_sdl) if states.numel() else None)

@@ -21,11 +21,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from vm_unet.kernels import routes  # noqa: E402
 from vm_unet.kernels.selective_scan import selective_scan_fn  # noqa: E402
 from vm_unet.kernels.selective_scan_torch import selective_scan_torch  # noqa: E402
 from vm_unet.kernels.ss2d import ss2d_core, ss2d_core_reference  # noqa: E402
+from vm_unet.kernels.triton_scan_core import _sigmoid, _softplus  # noqa: E402
 from vm_unet.kernels.triton_selective_scan import selective_scan_triton  # noqa: E402
 from vm_unet.kernels.triton_ss2d import ss2d_core_triton  # noqa: E402
 
@@ -113,6 +115,41 @@ def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None):
 
 
 # ---------------------------------------------------------------- CPU (interpreter), tiny shapes
+
+_ELEMENTWISE_X = torch.cat([torch.tensor([-200.0, -100.0, -87.0, -30.0, -1e-3, -1e-8, 0.0, 1e-8, 1e-3, 30.0, 100.0]),
+                            torch.linspace(-20, 20, 245)])
+
+
+@triton.jit
+def _elementwise_kernel(x_ptr, sp_ptr, sg_ptr, n, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    tl.store(sp_ptr + i, _softplus(x, FAST), mask=i < n)
+    tl.store(sg_ptr + i, _sigmoid(x, FAST), mask=i < n)
+
+
+def _elementwise_helpers(fast: bool, device: str):
+    """Our softplus (polynomial log1p) and sigmoid helpers as the kernels run them, on _ELEMENTWISE_X."""
+    x = _ELEMENTWISE_X.to(device)
+    sp, sg = torch.empty_like(x), torch.empty_like(x)
+    _elementwise_kernel[(1,)](x, sp, sg, x.numel(), BLOCK=triton.next_power_of_2(x.numel()), FAST=fast)
+    return x.double().cpu(), sp.double().cpu(), sg.double().cpu()
+
+
+def _check_elementwise(x, sp, sg):
+    ref_sp, ref_sg = torch.nn.functional.softplus(x), torch.sigmoid(x)
+    # relative to the value, with an absolute floor below fp32's normal range (fast exp flushes subnormals). exp(x)
+    # as exp2(x log2 e) in fp32 (tl.exp does the same) has about |x| * 2^-24 relative error, 1.8e-6 at |x| = 30
+    for name, got, ref in (("softplus", sp, ref_sp), ("sigmoid", sg, ref_sg)):
+        err = ((got - ref).abs() / ref.abs().clamp_min(1e-30)).where(ref.abs() > 1e-37, (got - ref).abs())
+        err = err / (1 + x.abs() / 8)
+        assert err.max() <= 1e-6, (name, x[err.argmax()].item(), got[err.argmax()].item(), ref[err.argmax()].item())
+
+
+@cpu_only
+def test_softplus_and_sigmoid_helpers():
+    _check_elementwise(*_elementwise_helpers(fast=False, device="cpu"))
+
 
 @cpu_only
 @pytest.mark.parametrize("N,groups,dtype,L", [
@@ -335,6 +372,13 @@ def test_cpu_suite_in_fresh_process():
 
 
 # ---------------------------------------------------------------- GPU, real sizes
+
+@gpu
+@needs_cuda
+def test_gpu_softplus_and_sigmoid_helpers():
+    # FAST: ex2.approx / rcp.approx through inline PTX, which the interpreter cannot run
+    _check_elementwise(*_elementwise_helpers(fast=True, device="cuda"))
+
 
 @gpu
 @needs_cuda
