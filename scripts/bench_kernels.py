@@ -1,6 +1,7 @@
 """Benchmark the Triton scan kernels at VM-UNet stage shapes (needs a CUDA GPU).
 
     python scripts/bench_kernels.py [--sweep] [--check] [--out results.json]
+    python scripts/bench_kernels.py --against OTHER/kernels --shapes s1-256,s2-256 --no-table   # A/B
 
 Per shape/dtype/N: fused SS2D core (ours) fwd and fwd+bwd; the unfused path (torch cross-scan + our Triton
 selective scan + torch merge, i.e. ``ss2d_core_reference`` on the Triton backend); mamba_ssm's CUDA
@@ -11,10 +12,15 @@ the atomic merge buffer not counted); "%copy" is that over a device-to-device co
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
+import pathlib
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -222,6 +228,47 @@ def profile_ops(shape_name, n_state=16, dtype=torch.float32):
     return table
 
 
+def load_kernels_copy(path: str):
+    """Another checkout's ``kernels/`` folder as a package of its own, for ``--against``: copied to a temporary
+    folder with its custom-op namespace renamed, so both versions' ops can be registered in one process."""
+    src = pathlib.Path(path)
+    if not (src / "triton_ss2d.py").is_file():
+        sys.exit(f"--against: {path} has no triton_ss2d.py (give another checkout's kernels/ folder)")
+    dst = pathlib.Path(tempfile.mkdtemp()) / "vm_unet_kernels_against"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in dst.glob("*.py"):
+        f.write_text(f.read_text().replace('"vm_unet::', '"vm_unet_against::'))
+    sys.path.insert(0, str(dst.parent))
+    return importlib.import_module("vm_unet_kernels_against.triton_ss2d")
+
+
+def against(other, shape_names, reps=3):
+    """Fused SS2D fwd and fwd+bwd of this checkout against another's, alternating the two ``reps`` times per case
+    in one process (so clock drift hits both alike); medians."""
+    rows = []
+    for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
+        for n in (16, 1):
+            for dtype in (torch.float32, torch.bfloat16):
+                args = make_inputs(b, d, hw, r, n, dtype)
+                gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+                t = {"other": ([], []), "this": ([], [])}
+                for _ in range(reps):
+                    for tag, fn in (("other", other.ss2d_core_triton), ("this", ss2d_core_triton)):
+                        t[tag][0].append(do_bench(lambda: fn(*args), warmup=25, rep=150, return_mode="median"))
+                        t[tag][1].append(time_fwd_bwd(fn, gargs))
+                row = {"shape": name, "N": n, "dtype": str(dtype).split(".")[-1]}
+                for tag, (f, fb) in t.items():
+                    row[f"{tag}_fwd_ms"], row[f"{tag}_fwdbwd_ms"] = statistics.median(f), statistics.median(fb)
+                    row[f"{tag}_fwdbwd_range"] = (min(fb), max(fb))
+                rows.append(row)
+                print(f"against {name} N={n:2d} {row['dtype']:8s} fwd {row['other_fwd_ms']:.3f} -> "
+                      f"{row['this_fwd_ms']:.3f} ms  fwd+bwd {row['other_fwdbwd_ms']:.3f} -> {row['this_fwdbwd_ms']:.3f}"
+                      f" ms (this: {min(t['this'][1]):.3f}-{max(t['this'][1]):.3f})", flush=True)
+                del args, gargs
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="time tile configs at stage-1 256² first")
@@ -231,6 +278,8 @@ def main():
     p.add_argument("--counts", default="1,2,4,8,16,32,64,auto", help="segment counts for --segments")
     p.add_argument("--profile", default=None, help="a shape name: per-kernel CUDA times of fused fwd+bwd there")
     p.add_argument("--state", type=int, default=16, help="d_state N for --profile")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="another checkout's kernels/ folder: interleaved A/B of fused SS2D at --shapes")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -253,6 +302,9 @@ def main():
         result["sweep"] = sweep(copy_gbs)
     if a.profile:
         result["profile"] = profile_ops(a.profile, a.state)
+    if a.against:
+        names = [n for n, *_ in SHAPES] if a.shapes == "all" else a.shapes.split(",")
+        result["against"] = against(load_kernels_copy(a.against), names)
     if a.segments:
         result["segments"] = segments(a.segments.split(","), a.counts.split(","))
         if a.out:
@@ -260,6 +312,9 @@ def main():
                 json.dump(result, f, indent=1)
     rows = []
     if a.no_table:
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
         return
     shapes = SHAPES if a.shapes == "all" else [s for s in SHAPES if s[0] in a.shapes.split(",")]
     for name, b, d, hw, r in shapes:
