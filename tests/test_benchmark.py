@@ -37,19 +37,34 @@ def test_plot_draws_only_measured_panels(tmp_path):
     json.dumps([r.__dict__ for r in rows])         # rows serialise as the script writes them
 
 
-def _bench_model_script():
+def _load_script(name="bench_model"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
 
 
+def test_bench_kernels_loads_another_checkouts_kernels(tmp_path):
+    """``bench_kernels.py --against DIR``: another ``kernels/`` folder is imported as a package of its own, its custom
+    ops renamed so both versions register in one process; a folder without the kernels is a one-line exit."""
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = _load_script("bench_kernels")
+    with pytest.raises(SystemExit, match="has no triton_ss2d.py"):
+        script.load_kernels_copy(str(tmp_path))
+    other = script.load_kernels_copy(str(Path(__file__).resolve().parents[1] / "kernels"))
+    assert other.__name__ == "vm_unet_kernels_against.triton_ss2d"
+    assert other.ss2d_core_triton is not script.ss2d_core_triton
+    assert hasattr(torch.ops.vm_unet_against, "ss2d_fwd") and hasattr(torch.ops.vm_unet, "ss2d_fwd")
+
+
 def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
-    script = _bench_model_script()
+    script = _load_script()
     assert script.main(["--device", "cpu", "--cuda-graphs", "--models", "vmunet_isic", "--sizes", "64"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --cuda-graphs needs --device cuda"
@@ -60,7 +75,7 @@ def test_bench_model_replot(tmp_path, capsys):
     not a results JSON is a one-line error."""
     from dataclasses import asdict
 
-    script = _bench_model_script()
+    script = _load_script()
     rows = [Result("a", s, 1, None, None, 100.0 / s, 1e-5 * s * s) for s in (256, 512)]
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps({"device": "GPU x", "date": "2026-11-21", "results": [asdict(r) for r in rows]}))
