@@ -83,9 +83,15 @@ def _log1p_unit(t):
 
 
 @triton.jit
+def _exp_neg_abs(x, FAST: tl.constexpr):
+    # exp(-|x|) in (0, 1]: the one exp that softplus and sigmoid need, never overflowing
+    return _exp2(-tl.abs(x) * LOG2E, FAST)
+
+
+@triton.jit
 def _softplus(x, FAST: tl.constexpr):
     # max(x, 0) + log1p(exp(-|x|)): exact form, no overflow, tiny values kept for very negative x
-    return tl.maximum(x, 0.0) + _log1p_unit(_exp2(-tl.abs(x) * LOG2E, FAST))
+    return tl.maximum(x, 0.0) + _log1p_unit(_exp_neg_abs(x, FAST))
 
 
 @triton.jit
@@ -101,8 +107,8 @@ def _softplus_libm(x):
 
 @triton.jit
 def _sigmoid(x, FAST: tl.constexpr):
-    # from t = exp(-|x|) in (0, 1]: 1 / (1 + t) for x >= 0, t / (1 + t) below; never overflows
-    t = _exp2(-tl.abs(x) * LOG2E, FAST)
+    # from t = exp(-|x|): 1 / (1 + t) for x >= 0, t / (1 + t) below
+    t = _exp_neg_abs(x, FAST)
     r = _rcp(1.0 + t, FAST)
     return tl.where(x >= 0, r, t * r)
 
