@@ -447,7 +447,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 # Benchmarks and tests may set this to {"fwd": (BD, BL, warps[, maxnreg]), "bwd": (BD, BL, warps[, maxnreg]),
-# "segments": NSEG} to sweep tiles (and register caps) or force a segment count.
+# "segments": NSEG or (forward NSEG, backward NSEG)} to sweep tiles (and register caps) or force segment counts.
 TILE_OVERRIDE: dict | None = None
 
 # Segments (parallel over L) cost an extra pass (~0.6x the work), so they are used only when the (batch, slot,
@@ -508,6 +508,7 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
     nblk = cdiv(channels, bd)
     if TILE_OVERRIDE and "segments" in TILE_OVERRIDE:
         nseg = TILE_OVERRIDE["segments"]
+        nseg = nseg[int(backward)] if isinstance(nseg, tuple) else nseg
     elif interpret:
         nseg = 1
     else:
@@ -545,13 +546,18 @@ def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Te
 
 
 def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, out=None, out_strides=None,
-                 atomic_out=False, states=None, last=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                 atomic_out=False, states=None, last=None,
+                 seg_ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch the forward kernel: segment end states first when L is split (``LaunchPlan.nseg`` > 1), then the
-    main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers."""
+    main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers (end
+    states, ΣΔ); ``seg_ends``: those of an earlier run on the same inputs and plan, which skips their pass."""
     ph = prefix[0]  # placeholder for pointers a variant never touches
-    seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
+    if plan.nseg > 1 and seg_ends is not None:
+        seg_bufs = seg_ends
+    else:
+        seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
     common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), **flags)
-    if plan.nseg > 1:
+    if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
             *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *dims.scalars(plan), 0,
@@ -566,10 +572,10 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     return seg_bufs if plan.nseg > 1 else None
 
 
-def same_chunking(a: LaunchPlan, b: LaunchPlan) -> bool:
-    """Whether chunk-start states written under plan ``a`` serve a backward under plan ``b`` (the states' layout
-    does not depend on the channel block)."""
-    return all(getattr(a, f) == getattr(b, f) for f in ("np", "bl", "nchunk", "nseg", "cps"))
+def same_states_layout(a: LaunchPlan, b: LaunchPlan) -> bool:
+    """Whether chunk-start states written under plan ``a`` serve a backward under plan ``b``: one per chunk, so
+    the layout depends on neither the channel block nor the segments."""
+    return all(getattr(a, f) == getattr(b, f) for f in ("np", "bl", "nchunk"))
 
 
 def states_numel(batch: int, slots: int, channels: int, plan: LaunchPlan) -> int:
@@ -579,22 +585,24 @@ def states_numel(batch: int, slots: int, channels: int, plan: LaunchPlan) -> int
 
 def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, g: tuple, du: tuple,
                   atomic_du: bool, ddt: tuple, dz, dB: tuple, dC: tuple,
-                  saved: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
+                  states: torch.Tensor | None = None,
+                  seg_ends: tuple[torch.Tensor, torch.Tensor, LaunchPlan] | None = None) -> tuple[torch.Tensor, ...]:
     """States pass, then (L split) the segments' dh carries, then the backward kernel. ``g`` is (tensor, its
-    slot-1 tensor, *strides); ``du``, ``ddt``, ``dB``, ``dC`` are (tensor, *strides) tuples. ``saved``: the
-    chunk-start states and segment ΣΔ a forward with the same chunking stored (``scan_forward(..., states=...)``),
-    which skips the states pass. Returns the per-channel parameter gradients (dA, dD, dδ_bias), (slots*channels, N)
-    and (slots*channels,), summed over batch and segments."""
+    slot-1 tensor, *strides); ``du``, ``ddt``, ``dB``, ``dC`` are (tensor, *strides) tuples. What a training forward
+    kept spares work here: ``states``, the chunk-start states (``scan_forward(..., states=...)`` under a plan with
+    the same ``same_states_layout``), skip the states pass; ``seg_ends``, the segment end states and ΣΔ of the
+    forward's run and its plan, skip the states pass's own end-state pass. Returns the per-channel parameter
+    gradients (dA, dD, dδ_bias), (slots*channels, N) and (slots*channels,), summed over batch and segments."""
     ph = prefix[0]
     dev = ph.device
-    if saved is None:
+    if states is None:
         states = torch.empty(states_numel(dims.batch, dims.slots, dims.channels, plan), device=dev,
                              dtype=torch.float32)
-        seg_bufs = scan_forward(prefix, dims, plan, flags, states=states)
-    else:
-        # the dh-carry pass below stores the segments' ΣΔ again: into a copy, the saved tensor stays as it was
-        states, sdl = saved
-        seg_bufs = (None, sdl.clone()) if plan.nseg > 1 else None
+        if seg_ends is not None and same_states_layout(seg_ends[2], plan):
+            # the states pass runs under the forward's plan (channel block, segments), whose end states it reuses
+            scan_forward(prefix, dims, seg_ends[2], flags, states=states, seg_ends=seg_ends[:2])
+        else:
+            scan_forward(prefix, dims, plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
                   FAST_EXP=_fast_exp(), **flags)
@@ -605,7 +613,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     dbias = torch.empty(rows, dims.slots * dims.channels, **f32)
     grads = (*g, states, *du, *ddt, dz if dz is not None else ph, *dB, *dC, dA, dD, dbias)
     if plan.nseg > 1:
-        sdl = seg_bufs[1]   # ΣΔ of segments 0..nseg-2 from the forward's end-state pass; DH_ONLY adds the last
+        # the dh-carry pass writes each later segment's carry and ΣΔ (segments 1..nseg-1, the only ones read)
+        sdl = torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, **f32)
         q = torch.empty(*sdl.shape, plan.np, **f32)
         # segment 0's carry is never used: segments 1..nseg-1
         _scan_bwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](

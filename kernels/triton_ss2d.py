@@ -151,56 +151,91 @@ def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int) -> tuple[t
 
 # Chunk-start states stored by the forward spare the backward its states pass (one more forward-kernel run) when
 # they are small: NP/BL of x per direction, 1/64 at N=1 (vmunet_fast). At N=16 they would be 2x (0.8 GB per
-# stage-1 layer at 256² batch 32), so the backward recomputes them instead.
+# stage-1 layer at 256² batch 32), so the backward recomputes them instead; when L is split into segments (long
+# sequences at small batch) the forward then keeps its segment end states (NP/(BL*CPS) of x, under 1%), so that
+# recomputation skips its own end-state pass.
 KEEP_STATES_MAX_RATIO = 1 / 16
 
 
-def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool) -> tuple[tuple, tuple]:
-    """Shapes of the forward's extra outputs: chunk-start states and segment ΣΔ, or empty when not kept (not
-    asked for, too large, or the backward would chunk L differently)."""
-    fplan = core.launch_plan(n, L, d, backward=False, rows=b * k)
+def _forward_plan(n: int, L: int, d: int, rows: int) -> core.LaunchPlan:
+    return core.launch_plan(n, L, d, backward=False, rows=rows)
+
+
+def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool) -> tuple[tuple, tuple, tuple]:
+    """Shapes of the forward's extra outputs for the backward: chunk-start states, or else segment end states and
+    ΣΔ (see ``KEEP_STATES_MAX_RATIO``); each empty when not kept."""
+    empty = (0,)
+    fplan = _forward_plan(n, L, d, b * k)
     bplan = core.launch_plan(n, L, d, backward=True, rows=b * k)
-    if not (keep_states and core.same_chunking(fplan, bplan) and fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO):
-        return (0,), (0,)
-    return (core.states_numel(b, k, d, fplan),), ((b, k, fplan.nseg, d) if fplan.nseg > 1 else (0,))
+    if not (keep_states and core.same_states_layout(fplan, bplan)):
+        return empty, empty, empty
+    if fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO:
+        return (core.states_numel(b, k, d, fplan),), empty, empty
+    if fplan.nseg > 1:
+        return empty, (b, k, fplan.nseg, d, fplan.np), (b, k, fplan.nseg, d)
+    return empty, empty, empty
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
 def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
              dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str,
-             order: Optional[torch.Tensor], keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, and for the backward the chunk-start states and segment ΣΔ when kept (see ``_kept_shapes``)."""
+             order: Optional[torch.Tensor], keep_states: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, and for the backward what ``_kept_shapes`` says: chunk-start states, segment end states and ΣΔ."""
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps[4])
     n = A.shape[1]
     out = torch.zeros(_slots(maps[4]), b, d, L, device=x.device, dtype=torch.float32)
     prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
-    plan = core.launch_plan(n, L, d, backward=False, rows=b * k)
-    st_shape, sdl_shape = _kept_shapes(b, k, d, L, n, keep_states)
+    plan = _forward_plan(n, L, d, b * k)
+    shapes = _kept_shapes(b, k, d, L, n, keep_states)
     f32 = dict(device=x.device, dtype=torch.float32)
-    states = torch.empty(st_shape, **f32)
+    states = torch.empty(shapes[0], **f32)
     seg = core.scan_forward(prefix, dims, plan, flags, out=out, out_strides=(out.stride(1), out.stride(0), L, 1),
                             atomic_out=True, states=states if states.numel() else None)
-    sdl = seg[1] if seg is not None and states.numel() else torch.empty(sdl_shape, **f32)
-    return _merge_slots(out, h, w, x.dtype), states, sdl
+    hend, sdl = seg if seg is not None and shapes[1] != (0,) else (torch.empty(s, **f32) for s in shapes[1:])
+    return _merge_slots(out, h, w, x.dtype), states, hend, sdl
 
 
 @ss2d_fwd.register_fake
 def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, keep_states):
     b, d, h, w = x.shape
-    st_shape, sdl_shape = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(st_shape, dtype=torch.float32),
-            x.new_empty(sdl_shape, dtype=torch.float32))
+    shapes = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            *(x.new_empty(s, dtype=torch.float32) for s in shapes))
+
+
+# L at or above 2 * DW_PIECE is cut into pieces of DW_PIECE positions for d dt_weight (see _dt_weight_grad)
+DW_PIECE = 4096
+
+
+def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Σ_l dΔ lowᵀ per (batch, direction): (M, D, L) x (M, R, L) -> (M, D, R). One GEMM per row reduces over all of
+    L, and with few rows (long sequences at small batch) cuBLAS then leaves most of the GPU idle: 1.9 ms for 0.4 GB
+    read at 1024² batch 2 on an H100. Long L is cut into pieces, each a GEMM of its own (a strided batch per row,
+    views of the same memory), and the pieces summed."""
+    m, d, L = ddt.shape
+    if L < 2 * DW_PIECE:
+        return torch.matmul(ddt, low.transpose(1, 2))
+    n = L // DW_PIECE
+    main = n * DW_PIECE
+    parts = [torch.matmul(ddt[i, :, :main].view(d, n, DW_PIECE).transpose(0, 1),         # (n, D, piece)
+                          low[i, :, :main].view(-1, n, DW_PIECE).permute(1, 2, 0)).sum(0)  # (n, piece, R)
+             for i in range(m)]
+    dW = torch.stack(parts)
+    if main < L:
+        dW += torch.matmul(ddt[:, :, main:], low[:, :, main:].transpose(1, 2))
+    return dW
 
 
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
 def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
-             route: str, order: Optional[torch.Tensor], states: torch.Tensor,
+             route: str, order: Optional[torch.Tensor], states: torch.Tensor, seg_hend: torch.Tensor,
              seg_sdl: torch.Tensor) -> list[torch.Tensor]:
-    """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]. ``states``/``seg_sdl``: what the forward kept (see
-    ``_kept_shapes``), or empty."""
+    """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]. ``states``, ``seg_hend``, ``seg_sdl``: what the
+    forward kept (see ``_kept_shapes``), or empty."""
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
     lay = maps[4]
     xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
@@ -219,11 +254,11 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
         g=(g0, g1, g0.stride(0), 0, g0.stride(1), g0.stride(2)),
         du=(dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3)), atomic_du=True,
         ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()),
-        saved=(states, seg_sdl) if states.numel() else None)
+        states=states if states.numel() else None,
+        seg_ends=(seg_hend, seg_sdl, _forward_plan(n, L, d, b * k)) if seg_hend.numel() else None)
     # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
     dlow = torch.matmul(W.float().transpose(1, 2), ddt)                                # (b, k, r, L)
-    dW = torch.matmul(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L).transpose(1, 2))
-    dW = dW.view(b, k, d, r).sum(0)
+    dW = _dt_weight_grad(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L)).view(b, k, d, r).sum(0)
     # back from each direction's read layout to image layout
     dlow, dB, dC = (_swap(t, lay, w, h) for t in (dlow, dB, dC))
     return [_merge_slots(dx, h, w, x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
@@ -233,21 +268,21 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
 
 
 @ss2d_bwd.register_fake
-def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, states, seg_sdl):
+def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, states, seg_hend, seg_sdl):
     return [torch.empty_like(t, memory_format=torch.contiguous_format)
             for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds)]
 
 
 def _setup_context(ctx, inputs, output):
-    _, states, seg_sdl = output
-    ctx.mark_non_differentiable(states, seg_sdl)
-    ctx.save_for_backward(*inputs[:8], inputs[9], states, seg_sdl)
+    kept = output[1:]
+    ctx.mark_non_differentiable(*kept)
+    ctx.save_for_backward(*inputs[:8], inputs[9], *kept)
     ctx.route = inputs[8]
 
 
-def _backward(ctx, grad, _states_grad, _sdl_grad):
-    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, order, states, seg_sdl = ctx.saved_tensors
-    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route, order, states, seg_sdl),
+def _backward(ctx, grad, *_kept_grads):
+    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, order, *kept = ctx.saved_tensors
+    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route, order, *kept),
             None, None, None)
 
 

@@ -221,6 +221,32 @@ def test_ss2d_backward_uses_the_forward_states(segments, monkeypatch):
     assert len(calls) == 2 and calls[0] is None and calls[1] is not None   # N=4: states recomputed
 
 
+# N=4 (chunk-start states too large to keep) with L split: the forward keeps its segment end states and ΣΔ, and the
+# backward's states pass runs under the forward's plan from them, with no end-state pass of its own; also when the
+# backward splits L differently from the forward (its own dh carries then use its own segments)
+@cpu_only
+@pytest.mark.parametrize("segments", [(3, 3), (3, 2), (2, 4)])
+def test_ss2d_backward_reuses_the_forward_segment_ends(segments, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": segments})
+    end_passes = []
+    real = core._segment_buffers
+    monkeypatch.setattr(core, "_segment_buffers", lambda dims, plan, dev: end_passes.append(plan.nseg) or
+                        real(dims, plan, dev))
+    compare_ss2d(ss2d_inputs(2, 3, 5, 7, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    assert end_passes == [segments[0]]      # the forward's; the backward's states pass reused them
+
+
+def test_dt_weight_grad_in_pieces_of_long_sequences(monkeypatch):
+    from vm_unet.kernels import triton_ss2d
+    g = torch.Generator().manual_seed(0)
+    for L, piece in [(37, 8), (48, 8), (15, 8), (9, 4)]:     # remainder, exact pieces, one piece (no split), 2 + 1
+        monkeypatch.setattr(triton_ss2d, "DW_PIECE", piece)
+        ddt, low = torch.randn(3, 5, L, generator=g), torch.randn(3, 2, L, generator=g)
+        ref = torch.einsum("mdl,mrl->mdr", ddt.double(), low.double())
+        assert rel(triton_ss2d._dt_weight_grad(ddt, low), ref) < 1e-6
+
+
 def test_delta_materialised_only_where_measured_faster():
     from vm_unet.kernels.triton_ss2d import _delta_operand
     for r, n, materialised in [(6, 16, False), (12, 16, True), (48, 16, True), (12, 1, False)]:
