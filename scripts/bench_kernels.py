@@ -152,9 +152,9 @@ def check(dtype, n, name, b, d, hw, r):
 # backward's with the forward at its default (the backward's states pass runs with the backward's tile)
 SWEEP = {
     16: {"fwd": [(8, 8, 1), (16, 8, 1), (16, 4, 1), (32, 4, 1), (16, 16, 1)],
-         "bwd": [(8, 8, 1), (8, 4, 1), (16, 4, 1), (16, 8, 1), (4, 8, 1)]},
+         "bwd": [(8, 8, 1), (8, 4, 1), (16, 4, 1), (16, 8, 1), (16, 2, 1), (4, 8, 1)]},
     1: {"fwd": [(4, 64, 1), (8, 64, 2), (32, 64, 1), (32, 16, 1)],
-        "bwd": [(4, 64, 1), (8, 64, 1), (32, 16, 1)]},
+        "bwd": [(4, 64, 1), (8, 32, 1), (8, 64, 1), (32, 16, 1)]},
 }
 
 
@@ -242,12 +242,12 @@ def load_kernels_copy(path: str):
     return importlib.import_module("vm_unet_kernels_against.triton_ss2d")
 
 
-def against(other, shape_names, reps=3):
+def against(other, shape_names, states=(16, 1), reps=3):
     """Fused SS2D fwd and fwd+bwd of this checkout against another's, alternating the two ``reps`` times per case
     in one process (so clock drift hits both alike); medians."""
     rows = []
     for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
-        for n in (16, 1):
+        for n in states:
             for dtype in (torch.float32, torch.bfloat16):
                 args = make_inputs(b, d, hw, r, n, dtype)
                 gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
@@ -278,6 +278,7 @@ def main():
     p.add_argument("--counts", default="1,2,4,8,16,32,64,auto", help="segment counts for --segments")
     p.add_argument("--profile", default=None, help="a shape name: per-kernel CUDA times of fused fwd+bwd there")
     p.add_argument("--state", type=int, default=16, help="d_state N for --profile")
+    p.add_argument("--against-states", default="16,1", help="comma list of d_state N for --against")
     p.add_argument("--against", default=None, metavar="DIR",
                    help="another checkout's kernels/ folder: interleaved A/B of fused SS2D at --shapes")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
@@ -304,7 +305,8 @@ def main():
         result["profile"] = profile_ops(a.profile, a.state)
     if a.against:
         names = [n for n, *_ in SHAPES] if a.shapes == "all" else a.shapes.split(",")
-        result["against"] = against(load_kernels_copy(a.against), names)
+        result["against"] = against(load_kernels_copy(a.against), names,
+                                     tuple(int(v) for v in a.against_states.split(",")))
     if a.segments:
         result["segments"] = segments(a.segments.split(","), a.counts.split(","))
         if a.out:
