@@ -194,7 +194,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     states = torch.empty(shapes[0], **f32)
     seg = core.scan_forward(prefix, dims, plan, flags, out=out, out_strides=(out.stride(1), out.stride(0), L, 1),
                             atomic_out=True, states=states if states.numel() else None)
-    hend, sdl = seg if seg is not None and shapes[1] != (0,) else (torch.empty(s, **f32) for s in shapes[1:])
+    hend, sdl = seg if shapes[1] != (0,) else (torch.empty(s, **f32) for s in shapes[1:])  # kept: L was split
     return _merge_slots(out, h, w, x.dtype), states, hend, sdl
 
 
@@ -220,10 +220,10 @@ def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return torch.matmul(ddt, low.transpose(1, 2))
     n = L // DW_PIECE
     main = n * DW_PIECE
-    parts = [torch.matmul(ddt[i, :, :main].view(d, n, DW_PIECE).transpose(0, 1),         # (n, D, piece)
-                          low[i, :, :main].view(-1, n, DW_PIECE).permute(1, 2, 0)).sum(0)  # (n, piece, R)
+    parts = [torch.matmul(ddt[i, :, :main].view(d, n, DW_PIECE).transpose(0, 1),     # (n, D, piece)
+                          low[i, :, :main].view(-1, n, DW_PIECE).permute(1, 2, 0))     # (n, piece, R)
              for i in range(m)]
-    dW = torch.stack(parts)
+    dW = torch.stack(parts).sum(1)                                                     # one reduction
     if main < L:
         dW += torch.matmul(ddt[:, :, main:], low[:, :, main:].transpose(1, 2))
     return dW
