@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py [--sweep] [--check] [--out results.json]
     python scripts/bench_kernels.py --against OTHER/kernels --shapes s1-256,s2-256 --no-table   # A/B
+    python scripts/bench_kernels.py --sweep --sweep-shapes s2-256 --sweep-states 16 --sweep-tiles 'fwd=8,16,1' --no-table
 
 Per shape/dtype/N: fused SS2D core (ours) fwd and fwd+bwd; the unfused path (torch cross-scan + our Triton
 selective scan + torch merge, i.e. ``ss2d_core_reference`` on the Triton backend); mamba_ssm's CUDA
@@ -25,7 +26,7 @@ import time
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from vm_unet.kernels import triton_scan_core as core
 from vm_unet.kernels.ss2d import ss2d_core_reference
@@ -148,8 +149,8 @@ def check(dtype, n, name, b, d, hw, r):
             "errs": [f"{e:.1e}" for e in errs], "nan": any(torch.isnan(t).any().item() for t in (y, *grads))}
 
 
-# tiles (BD, BL, warps) swept at stage-1 256² b32: the forward's with the backward at its default, then the
-# backward's with the forward at its default (the backward's states pass runs with the backward's tile)
+# tiles (BD, BL, warps) swept at stage-1 256² b32 by default: the forward's with the backward at its default, then
+# the backward's with the forward at its default (the backward's states pass runs with the backward's tile)
 SWEEP = {
     16: {"fwd": [(8, 8, 1), (16, 8, 1), (16, 4, 1), (32, 4, 1), (16, 16, 1)],
          "bwd": [(8, 8, 1), (8, 4, 1), (16, 4, 1), (16, 8, 1), (16, 2, 1), (4, 8, 1)]},
@@ -158,32 +159,50 @@ SWEEP = {
 }
 
 
-def sweep(copy_gbs):
-    """Tile configs of the fused SS2D fwd and fwd+bwd at stage-1 256² b32, fp32, one segment; with the peak
-    memory of fwd+bwd (the backward's chunk-start states take N/BL of x's size per direction)."""
+def parse_tiles(spec: str | None) -> dict:
+    """``"fwd=16,8,1;fwd=8,16,1;bwd=8,4,1"`` -> {"fwd": [(16, 8, 1), (8, 16, 1)], "bwd": [(8, 4, 1)]}."""
+    tiles: dict = {}
+    for part in filter(None, (spec or "").split(";")):
+        kind, _, cfg = part.partition("=")
+        if kind not in ("fwd", "bwd") or not cfg:
+            sys.exit(f"--sweep-tiles: expected fwd=BD,BL,WARPS or bwd=BD,BL,WARPS, got {part!r}")
+        tiles.setdefault(kind, []).append(tuple(int(v) for v in cfg.split(",")))
+    return tiles
+
+
+def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=None):
+    """Tile configs of the fused SS2D fwd and fwd+bwd per shape, fp32, one segment; with the peak memory of fwd+bwd
+    (the backward's chunk-start states take N/BL of x's size per direction). ``extra`` tiles are added to
+    ``SWEEP``'s (``parse_tiles``)."""
     rows = []
-    name, b, d, hw, r = SHAPES[0]
     dtype = torch.float32
-    for n, kinds in SWEEP.items():
-        args = make_inputs(b, d, hw, r, n, dtype)
-        gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-        for kind, cfgs in kinds.items():
-            for cfg in cfgs:
-                core.TILE_OVERRIDE = {kind: cfg, "segments": 1}   # tiles alone, L not split
-                try:
-                    f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
-                    torch.cuda.reset_peak_memory_stats()
-                    fb = time_fwd_bwd(ss2d_core_triton, gargs)
-                    peak = torch.cuda.max_memory_allocated() / 1e9
-                except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
-                    f = fb = peak = float("nan")
-                    print("  failed", cfg, type(e).__name__, str(e)[:200])
-                rows.append({"N": n, "dtype": "float32", "kind": kind, "cfg": cfg, "fwd_ms": f, "fwdbwd_ms": fb,
-                             "peak_gb": peak})
-                print(f"sweep N={n:2d} {kind} {cfg}: fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms  peak {peak:.2f} GB",
-                      flush=True)
-        del args, gargs
-        torch.cuda.empty_cache()
+    for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
+        for n in states:
+            args = make_inputs(b, d, hw, r, n, dtype)
+            gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+            base = torch.cuda.memory_allocated()
+            for kind in kinds:
+                cfgs = list(dict.fromkeys(SWEEP.get(n, SWEEP[16])[kind] + (extra or {}).get(kind, [])))
+                for cfg in cfgs:
+                    core.TILE_OVERRIDE = {kind: cfg, "segments": 1}   # tiles alone, L not split
+                    try:
+                        f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
+                        # what earlier configs' CUDA graphs still hold is not this config's peak
+                        held = torch.cuda.memory_allocated() - base
+                        torch.cuda.reset_peak_memory_stats()
+                        fb = time_fwd_bwd(ss2d_core_triton, gargs)
+                        peak = (torch.cuda.max_memory_allocated() - held) / 1e9
+                        # replayed as a CUDA graph: the GPU's time alone (small stages are launch-bound in eager)
+                        fg = do_bench_cudagraph(lambda: ss2d_core_triton(*args), rep=60, return_mode="median")
+                    except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
+                        f = fg = fb = peak = float("nan")
+                        print("  failed", cfg, type(e).__name__, str(e)[:200])
+                    rows.append({"shape": name, "N": n, "dtype": "float32", "kind": kind, "cfg": cfg, "fwd_ms": f,
+                                 "fwd_graph_ms": fg, "fwdbwd_ms": fb, "peak_gb": peak})
+                    print(f"sweep {name} N={n:2d} {kind} {cfg}: fwd {f:.3f} ms (graph {fg:.3f})  fwd+bwd {fb:.3f} ms  "
+                          f"peak {peak:.2f} GB", flush=True)
+            del args, gargs
+            torch.cuda.empty_cache()
     core.TILE_OVERRIDE = None
     return rows
 
@@ -271,7 +290,12 @@ def against(other, shape_names, states=(16, 1), reps=3):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--sweep", action="store_true", help="time tile configs at stage-1 256² first")
+    p.add_argument("--sweep", action="store_true", help="time tile configs first (at --sweep-shapes)")
+    p.add_argument("--sweep-shapes", default="s1-256", help="comma list of shape names for --sweep")
+    p.add_argument("--sweep-states", default="16,1", help="comma list of d_state N for --sweep")
+    p.add_argument("--sweep-kinds", default="fwd,bwd", help="which kernels' tiles --sweep varies")
+    p.add_argument("--sweep-tiles", default=None, metavar="SPEC",
+                   help="more tiles for --sweep, e.g. 'fwd=8,16,1;bwd=8,4,2' (BD,BL,warps)")
     p.add_argument("--check", action="store_true", help="check fused SS2D vs float64 reference at real shapes")
     p.add_argument("--shapes", default="all", help="comma list of shape names or 'all'")
     p.add_argument("--segments", default=None, help="comma list of shapes: time forced segment counts of L there")
@@ -300,7 +324,8 @@ def main():
                 result["checks"].append(c)
                 print("check", c, flush=True)
     if a.sweep:
-        result["sweep"] = sweep(copy_gbs)
+        result["sweep"] = sweep(a.sweep_shapes.split(","), tuple(int(v) for v in a.sweep_states.split(",")),
+                                tuple(a.sweep_kinds.split(",")), parse_tiles(a.sweep_tiles))
     if a.profile:
         result["profile"] = profile_ops(a.profile, a.state)
     if a.against:

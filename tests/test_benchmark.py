@@ -63,6 +63,17 @@ def test_bench_kernels_loads_another_checkouts_kernels(tmp_path):
     assert hasattr(torch.ops.vm_unet_against, "ss2d_fwd") and hasattr(torch.ops.vm_unet, "ss2d_fwd")
 
 
+def test_bench_kernels_sweep_tiles_parse():
+    """``--sweep-tiles`` adds tiles per kernel; a malformed spec is a one-line exit, not a traceback."""
+    pytest.importorskip("triton")
+    script = _load_script("bench_kernels")
+    assert script.parse_tiles("fwd=16,8,1;bwd=8,4,2;fwd=8,16,1") == {"fwd": [(16, 8, 1), (8, 16, 1)],
+                                                                    "bwd": [(8, 4, 2)]}
+    assert script.parse_tiles(None) == {}
+    with pytest.raises(SystemExit, match="expected fwd=BD,BL,WARPS"):
+        script.parse_tiles("states=8,4,1")
+
+
 def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
     script = _load_script()
     assert script.main(["--device", "cpu", "--cuda-graphs", "--models", "vmunet_isic", "--sizes", "64"]) == 2
