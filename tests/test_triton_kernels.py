@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from vm_unet.kernels import routes  # noqa: E402
+from vm_unet.kernels.norm_gate import norm_gate, norm_gate_reference  # noqa: E402
 from vm_unet.kernels.selective_scan import selective_scan_fn  # noqa: E402
 from vm_unet.kernels.selective_scan_torch import selective_scan_torch  # noqa: E402
 from vm_unet.kernels.ss2d import ss2d_core, ss2d_core_reference  # noqa: E402
@@ -358,6 +359,66 @@ def test_opcheck_fake_and_autograd_registration():
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+def norm_gate_inputs(b, d, h, w, dtype, device="cpu", seed=0):
+    """y (b, D, H, W) channel-first; z the second half of a (b, H, W, 2D) tensor, as SS2D's gate is; LN affine."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(b, d, h, w, generator=g) * 2 + 0.5).to(device, dtype)
+    z = torch.randn(b, h, w, 2 * d, generator=g).to(device, dtype)[..., d:]
+    return [y, z, (1 + 0.3 * torch.randn(d, generator=g)).to(device), (0.2 * torch.randn(d, generator=g)).to(device)]
+
+
+def compare_norm_gate(args, tol, out_dtype=None):
+    """Fused (inputs as given) vs the reference in float64: output and the grads of y, z, weight and bias."""
+    from vm_unet.kernels.triton_norm_gate import norm_gate_triton
+    tri = [t.detach().clone().requires_grad_(True) for t in args]
+    ref = [t.detach().double().requires_grad_(True) for t in args]
+    out = norm_gate_triton(*tri, 1e-5, out_dtype or torch.promote_types(args[0].dtype, args[1].dtype))
+    out_r = norm_gate_reference(*ref, 1e-5)
+    assert out.shape == out_r.shape and out.is_contiguous()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    errs = {"out": rel(out, out_r)}
+    for n, a, b in zip(["y", "z", "weight", "bias"], grads(out, tri, g.to(out.dtype)), grads(out_r, ref, g.double())):
+        assert a.dtype == args[["y", "z", "weight", "bias"].index(n)].dtype
+        errs[n] = rel(a, b)
+    assert max(errs.values()) < tol, errs
+    return out
+
+
+@cpu_only
+@pytest.mark.parametrize("b,d,h,w,dtype,tol", [(2, 12, 3, 5, torch.float32, 1e-5), (1, 20, 4, 4, torch.bfloat16, 2e-2),
+                                               (2, 7, 1, 9, torch.float32, 1e-5), (2, 96, 5, 9, torch.float32, 1e-5)])
+def test_norm_gate_matches_reference(b, d, h, w, dtype, tol):
+    # odd channel counts (padded tiles), one-row images, several position blocks (96 channels: 32 positions each)
+    compare_norm_gate(norm_gate_inputs(b, d, h, w, dtype), tol)
+
+
+@cpu_only
+def test_norm_gate_dispatch_autocast_and_bad_shapes(monkeypatch):
+    args = norm_gate_inputs(1, 6, 3, 4, torch.float32)
+    ref = norm_gate_reference(*args, 1e-5)
+    assert rel(norm_gate(*args, 1e-5), ref) < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm_gate(*args, 1e-5)
+    # under autocast the product comes out in the autocast dtype, the one out_proj casts the reference's fp32 to
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
+    monkeypatch.setenv("VM_UNET_BACKEND", "torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm_gate(*args, 1e-5).dtype == torch.float32       # the reference's own dtype
+    with pytest.raises(ValueError, match="needs z"):
+        norm_gate(args[0], args[1][..., :5], *args[2:], 1e-5)
+
+
+@cpu_only
+def test_norm_gate_opcheck_and_compile():
+    from torch.library import opcheck
+    args = norm_gate_inputs(2, 5, 3, 2, torch.float32)
+    opcheck(torch.ops.vm_unet.norm_gate_fwd.default, (*args, 1e-5, torch.float32),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    # under torch.compile the reference runs (inductor fuses it), with the same values
+    fn = torch.compile(lambda *a: norm_gate(*a, 1e-5), backend="aot_eager", fullgraph=True)
+    assert rel(fn(*args), norm_gate_reference(*args, 1e-5)) < 1e-6
+
+
 def _graph_breaks(name: str, device: str, train: bool) -> list[str]:
     """Graph breaks torch.compile would make in a (tiny) model whose SS2D layers take the Triton path."""
     import vm_unet
@@ -437,6 +498,20 @@ def test_gpu_ss2d_random_shapes(dtype, tol, monkeypatch):
     for N in (1, 16):
         compare_ss2d(ss2d_inputs(2, 96, 17, 23, 24, N, dtype, device="cuda", seed=N), "cross", tol,
                      monkeypatch=monkeypatch)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_gpu_norm_gate_random_shapes(dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        d = int(torch.randint(3, 1600, (1,), generator=g))   # up to stage 4's 1536 channels, odd sizes
+        h, w = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+        compare_norm_gate(norm_gate_inputs(2, d, h, w, dtype, device="cuda"), tol)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        args = norm_gate_inputs(2, 192, 16, 16, torch.bfloat16, device="cuda")
+        assert norm_gate(*args, 1e-5).dtype == torch.bfloat16
 
 
 @gpu

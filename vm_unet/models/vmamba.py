@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vm_unet.kernels import ss2d_core
+from vm_unet.kernels import norm_gate, ss2d_core
 from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
 
 
@@ -209,8 +209,8 @@ class SS2D(SSMCore):
         x, z = xz.chunk(2, dim=-1)
         # one copy to contiguous (b, D, H, W): the conv output, x_proj GEMM and scan kernel then all read it as is
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
-        y = self.forward_core(x).permute(0, 2, 3, 1)
-        y = self.out_norm(y) * F.silu(z)
+        # out_norm(y.permute(0, 2, 3, 1)) * silu(z), fused in eager mode on GPUs (kernels/norm_gate.py)
+        y = norm_gate(self.forward_core(x), z, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
         return self.dropout(self.out_proj(y))
 
 
