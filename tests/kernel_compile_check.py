@@ -2,9 +2,9 @@
 
 Run as a script (by ``test_kernel_compile.py``, in a process without ``TRITON_INTERPRET``, since the interpreter
 replaces the kernels' compiler). The kernels are swapped for recorders, the custom ops are called on small CPU
-tensors (forward and backward, plain scan and fused SS2D, one segment and several), and each distinct launch
-(constexprs + argument types) is then compiled to a cubin with Triton's own ptxas. This catches what the CPU
-interpreter cannot: code that does not compile (type rules, constexpr globals, inline PTX).
+tensors (forward and backward, plain scan, fused SS2D and its output stage, one segment and several), and each
+distinct launch (constexprs + argument types) is then compiled to a cubin with Triton's own ptxas. This catches what
+the CPU interpreter cannot: code that does not compile (type rules, constexpr globals, inline PTX).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class _Recorder:
         def launch(*args, num_warps=4, **constexprs):
             names = [n for n in self.kernel.arg_names if n not in constexprs]
             assert len(names) == len(args), (len(names), len(args))
-            sig = {n: _TYPES[a.dtype] if isinstance(a, torch.Tensor) else
+            sig = {n: _TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else
                    ("i64" if abs(int(a)) >= 2 ** 31 else "i32") for n, a in zip(names, args)}
             sig.update({n: "constexpr" for n in constexprs})
             key = (tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), num_warps)
@@ -40,11 +40,13 @@ class _Recorder:
 
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1"
+    from vm_unet.kernels import triton_norm_gate as ng
     from vm_unet.kernels.triton_selective_scan import selective_scan_triton
     from vm_unet.kernels.triton_ss2d import ss2d_core_triton
 
-    recorders = [_Recorder(core._scan_fwd_kernel), _Recorder(core._scan_bwd_kernel)]
-    core._scan_fwd_kernel, core._scan_bwd_kernel = recorders
+    recorders = [_Recorder(core._scan_fwd_kernel), _Recorder(core._scan_bwd_kernel),
+                 _Recorder(ng._norm_gate_fwd_kernel), _Recorder(ng._norm_gate_bwd_kernel)]
+    core._scan_fwd_kernel, core._scan_bwd_kernel, ng._norm_gate_fwd_kernel, ng._norm_gate_bwd_kernel = recorders
     g = torch.Generator().manual_seed(0)
     for segments in (1, 3):
         core.TILE_OVERRIDE = {"segments": segments}
@@ -64,6 +66,10 @@ def main() -> int:
             A, Dp, bias = (-torch.rand(2 * d, n)).requires_grad_(), torch.randn(2 * d).requires_grad_(), \
                 torch.randn(2 * d).requires_grad_()
             selective_scan_triton(u, dl, A, Bs, Cs, Dp, z, bias, True).sum().backward()
+            yz = [torch.randn(b, d, h, w, generator=g).to(dtype).requires_grad_(),
+                  torch.randn(b, h, w, d, generator=g).to(dtype).requires_grad_()]
+            ng.norm_gate_triton(*yz, torch.ones(d, requires_grad=True), torch.zeros(d, requires_grad=True), 1e-5,
+                                dtype).sum().backward()
     target = GPUTarget("cuda", 90, 32)
     count = 0
     for rec in recorders:
@@ -73,7 +79,7 @@ def main() -> int:
             assert compiled.asm.get("cubin"), constexprs
             count += 1
     print(f"compiled {count} kernel variants for sm_90")
-    return 0 if count >= 8 else 1
+    return 0 if count >= 10 else 1
 
 
 if __name__ == "__main__":
