@@ -19,21 +19,30 @@ TILE_ELEMENTS = 4096
 
 
 @triton.jit
-def _norm_gate_fwd_kernel(y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_ptr, b_ptr, out_ptr, mean_ptr,
-                          rstd_ptr, D, L, eps, BP: tl.constexpr, DP: tl.constexpr):
+def _program_rows(y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_ptr, b_ptr, D, L,
+                  BP: tl.constexpr, DP: tl.constexpr):
+    """A program's image, positions, channels, masks, and its y, z, weight and bias tiles in fp32 (both kernels)."""
     bi = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BP + tl.arange(0, BP)
     d = tl.arange(0, DP)
     pm, dm = p < L, d < D
     m = pm[:, None] & dm[None, :]
     y = tl.load(y_ptr + bi * s_yb + p[:, None] * s_yl + d[None, :] * s_yd, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + bi * s_zb + p[:, None] * s_zl + d[None, :] * s_zd, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    return bi, p, d, pm, dm, m, y, z, w, bias
+
+
+@triton.jit
+def _norm_gate_fwd_kernel(y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_ptr, b_ptr, out_ptr, mean_ptr,
+                          rstd_ptr, D, L, eps, BP: tl.constexpr, DP: tl.constexpr):
+    bi, p, d, pm, dm, m, y, z, w, bias = _program_rows(y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_ptr,
+                                                       b_ptr, D, L, BP, DP)
     mean = tl.sum(y, axis=1) / D
     diff = tl.where(m, y - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
-    w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
     o = diff * rstd[:, None] * w[None, :] + bias[None, :]
-    z = tl.load(z_ptr + bi * s_zb + p[:, None] * s_zl + d[None, :] * s_zd, mask=m, other=0.0).to(tl.float32)
     out = o * z * tl.sigmoid(z)
     tl.store(out_ptr + (bi * L + p[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
     tl.store(mean_ptr + bi * L + p, mean, mask=pm)
@@ -44,18 +53,11 @@ def _norm_gate_fwd_kernel(y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_pt
 def _norm_gate_bwd_kernel(g_ptr, s_gb, s_gl, s_gd, y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_ptr, b_ptr,
                           mean_ptr, rstd_ptr, dy_ptr, dz_ptr, dw_ptr, db_ptr, D, L,
                           BP: tl.constexpr, DP: tl.constexpr):
-    bi = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BP + tl.arange(0, BP)
-    d = tl.arange(0, DP)
-    pm, dm = p < L, d < D
-    m = pm[:, None] & dm[None, :]
-    y = tl.load(y_ptr + bi * s_yb + p[:, None] * s_yl + d[None, :] * s_yd, mask=m, other=0.0).to(tl.float32)
+    bi, p, d, pm, dm, m, y, z, w, bias = _program_rows(y_ptr, s_yb, s_yd, s_yl, z_ptr, s_zb, s_zl, s_zd, w_ptr,
+                                                       b_ptr, D, L, BP, DP)
     mean = tl.load(mean_ptr + bi * L + p, mask=pm, other=0.0)
     rstd = tl.load(rstd_ptr + bi * L + p, mask=pm, other=0.0)
     xhat = tl.where(m, (y - mean[:, None]) * rstd[:, None], 0.0)
-    w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + bi * s_zb + p[:, None] * s_zl + d[None, :] * s_zd, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + bi * s_gb + p[:, None] * s_gl + d[None, :] * s_gd, mask=m, other=0.0).to(tl.float32)
     sig = tl.sigmoid(z)
     go = g * z * sig                                     # d out / d (normed, affine) row
