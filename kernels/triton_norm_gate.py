@@ -148,7 +148,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *_stats_grads):
     y, z, weight, bias, mean, rstd = ctx.saved_tensors
-    dy, dz, dw, db = norm_gate_bwd(grad.contiguous(), y, z, weight, bias, mean, rstd)
+    dy, dz, dw, db = norm_gate_bwd(grad, y, z, weight, bias, mean, rstd)
     return dy, dz, dw, db, None, None
 
 

@@ -47,6 +47,17 @@ SHAPES = [
 ]
 
 
+def named_shapes(names) -> list[tuple]:
+    """The ``SHAPES`` rows named in ``names`` (a list, or "all"), in table order."""
+    return list(SHAPES) if names == "all" else [s for s in SHAPES if s[0] in names]
+
+
+def save(result: dict, path) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
     src = torch.randn(1 << 28, device="cuda")
@@ -176,7 +187,7 @@ def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=N
     ``SWEEP``'s (``parse_tiles``)."""
     rows = []
     dtype = torch.float32
-    for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
+    for name, b, d, hw, r in named_shapes(shape_names):
         for n in states:
             args = make_inputs(b, d, hw, r, n, dtype)
             gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
@@ -210,7 +221,7 @@ def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=N
 def segments(shape_names, counts):
     """Fused SS2D fwd and fwd+bwd (N=16, fp32 and bf16) per forced segment count of L ("auto" = launch_plan)."""
     rows = []
-    for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
+    for name, b, d, hw, r in named_shapes(shape_names):
         for dtype in (torch.float32, torch.bfloat16):
             args = make_inputs(b, d, hw, r, 16, dtype)
             gargs = make_inputs(b, d, hw, r, 16, dtype, requires_grad=True)
@@ -265,7 +276,7 @@ def against(other, shape_names, states=(16, 1), reps=3):
     """Fused SS2D fwd and fwd+bwd of this checkout against another's, alternating the two ``reps`` times per case
     in one process (so clock drift hits both alike); medians."""
     rows = []
-    for name, b, d, hw, r in [s for s in SHAPES if s[0] in shape_names]:
+    for name, b, d, hw, r in named_shapes(shape_names):
         for n in states:
             for dtype in (torch.float32, torch.bfloat16):
                 args = make_inputs(b, d, hw, r, n, dtype)
@@ -308,6 +319,7 @@ def main():
     p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    shape_names = "all" if a.shapes == "all" else a.shapes.split(",")
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
     dev = torch.cuda.get_device_name()
@@ -329,22 +341,16 @@ def main():
     if a.profile:
         result["profile"] = profile_ops(a.profile, a.state)
     if a.against:
-        names = [n for n, *_ in SHAPES] if a.shapes == "all" else a.shapes.split(",")
-        result["against"] = against(load_kernels_copy(a.against), names,
+        result["against"] = against(load_kernels_copy(a.against), shape_names,
                                      tuple(int(v) for v in a.against_states.split(",")))
     if a.segments:
         result["segments"] = segments(a.segments.split(","), a.counts.split(","))
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(result, f, indent=1)
+        save(result, a.out)          # kept if the table below fails
     rows = []
     if a.no_table:
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(result, f, indent=1)
+        save(result, a.out)
         return
-    shapes = SHAPES if a.shapes == "all" else [s for s in SHAPES if s[0] in a.shapes.split(",")]
-    for name, b, d, hw, r in shapes:
+    for name, b, d, hw, r in named_shapes(shape_names):
         for n in (16, 1):
             for dtype in (torch.float32, torch.bfloat16):
                 row = bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref=name.endswith("-256"))
@@ -352,9 +358,7 @@ def main():
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
     result["rows"] = rows
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save(result, a.out)
     print("\n| shape | N | dtype | fused fwd ms | GB/s | %copy | fused fwd+bwd ms | unfused fwd | unfused fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r_ in rows:
