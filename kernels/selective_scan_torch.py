@@ -7,12 +7,16 @@ For channel d, state n, position l (GUIDE §2)::
     y_l   = sum_n C_l[n] * h_l[n] + D[d] * u_l
     out   = y * silu(z)                            (if z is given)
 
-Formulation: the sequence is cut into chunks whose state tensor (batch, D, N, T) fits a memory budget; chunks run
-in order and carry the state. Inside a chunk the linear recurrence ``h_t = a_t h_{t-1} + b_t`` is solved in two
-levels (blocks of ~sqrt(T): a step loop vectorised over all blocks, then a carry loop over the blocks), which is
-O(T) work and ~2*sqrt(T) PyTorch calls, uses only products of decays in (0, 1] and never divides, so it stays
-exact in fp32 for any length. The backward is the analytic one (a reverse recurrence of the same form): it keeps
-only the chunk-boundary states and recomputes each chunk's states, so saved memory is O(batch*D*N*L/T).
+Formulation: everything is held position-major, (L, batch, G, Dg[, N]), so one position's state (batch, G, Dg, N)
+is a contiguous slice. The sequence is cut into chunks whose state tensor (T, batch, G, Dg, N) fits a memory
+budget; per chunk the decays, the inputs and the readout are whole-chunk broadcast products (rows of N contiguous
+elements), and the recurrence itself is one in-place multiply-add per position on the state slice, which stays in
+cache. Exact sequential order, so fp32 stays exact for any length. The backward is the analytic one (a reverse
+recurrence of the same form): it keeps only the chunk-boundary states and recomputes each chunk's states, so saved
+memory is O(batch*D*N*L/T).
+
+Measured on 2 CPU cores (BENCHMARKS.md, "Whole model on CPU"): 2-3x faster than the two-level blocked scan this
+replaced, whose state tensors had to be read and written about twice as often.
 """
 from __future__ import annotations
 
@@ -21,65 +25,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Elements of one (batch, D, N, T) chunk tensor; a handful of them are alive at once. 2M (8 MB in fp32) measured
-# fastest on 2 CPU cores at the stage-1 shape (fwd 1.3 s -> 1.0 s, bwd 5.4 s -> 2.9 s vs 8M): small enough that a
-# chunk's tensors stay in cache between the elementwise passes, large enough to amortise per-op overhead.
-_CHUNK_ELEMENTS = 1 << 21
+# Elements of one (T, batch, D, N) chunk tensor; two to four of them are alive at once. 1M (4 MB in fp32)
+# measured best on 2 CPU cores at the VM-UNet stage shapes, forward and backward (2M: 7% / 27% slower, 4M slower
+# still; 512K: more Python calls per element).
+_CHUNK_ELEMENTS = 1 << 20
+LOG2E = 1.0 / math.log(2.0)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _step_layout(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(..., T) -> (block, ..., n_blocks), zero-padded: position c*block + j lands at [j, ..., c]."""
-    length = x.shape[-1]
-    n_blocks = -(-length // block)
-    if n_blocks * block != length:
-        x = F.pad(x, (0, n_blocks * block - length))
-    return x.reshape(*x.shape[:-1], n_blocks, block).movedim(-1, 0).contiguous()
-
-
-def _natural_layout(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of ``_step_layout``."""
-    x = x.movedim(0, -1)
-    return x.reshape(*x.shape[:-2], -1)[..., :length]
-
-
-def _block_size(length: int) -> int:
-    return max(1, math.isqrt(length))
-
-
-def linear_recurrence_steps(a: torch.Tensor, b: torch.Tensor, decay: torch.Tensor,
-                            h0: torch.Tensor | None) -> torch.Tensor:
-    """Solve ``h_p = a_p h_{p-1} + b_p`` for tensors in step layout (block, *lead, n_blocks).
-
-    ``decay`` holds the product of ``a`` from the start of each block up to and including the step. The block-local
-    solution runs as a loop over steps vectorised over all blocks; the carries between blocks are a loop over small
-    (*lead) tensors; one broadcast multiply-add then adds each block's incoming state. ``b`` is overwritten.
-    """
-    h = b
-    for j in range(1, h.shape[0]):
-        h[j].addcmul_(a[j], h[j - 1])  # in place, not out=: exported graphs must stay differentiable
-    lead, n_blocks = h.shape[1:-1], h.shape[-1]
-    carry_in = torch.empty((*lead, n_blocks), dtype=h.dtype, device=h.device)
-    carry = h0 if h0 is not None else torch.zeros(lead, dtype=h.dtype, device=h.device)
-    for c in range(n_blocks):
-        carry_in[..., c] = carry
-        carry = torch.addcmul(h[-1, ..., c], decay[-1, ..., c], carry)
-    h.addcmul_(decay, carry_in.unsqueeze(0))
-    return h
-
-
-def linear_recurrence(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """Solve ``h_t = a_t * h_{t-1} + b_t`` along the last dim, with ``h_{-1} = h0`` (zeros if None)."""
-    length = a.shape[-1]
-    block = _block_size(length)
-    a_s = _step_layout(a, block)
-    if a_s.shape[0] * a_s.shape[-1] != length:  # padded steps must keep the state: a = 1
-        a_s = _step_layout(F.pad(a, (0, a_s.shape[0] * a_s.shape[-1] - length), value=1.0), block)
-    decay = torch.cumprod(a_s, dim=0)
-    return _natural_layout(linear_recurrence_steps(a_s, _step_layout(b, block), decay, h0), length)
+def _position_major(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """(batch, ..., L) -> (L, batch, ...) contiguous, viewed as ``shape`` (batch, ..., L) first. Written as the
+    transpose of a 2-D matrix, which PyTorch copies in cache blocks (2x faster on CPU than the same permute in 4-D)."""
+    length = shape[-1]
+    return t.reshape(-1, length).t().contiguous().view(length, *shape[:-1])
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
@@ -120,71 +81,76 @@ def _chunk_length(batch: int, dim: int, n_state: int, length: int) -> int:
 
 
 class _Scan:
-    """Per-call views in the compute dtype, shared by forward and backward.
-
-    Chunk tensors use the step layout of ``_step_layout``: small ones (block, b, G, Dg|N, n_blocks), state-sized
-    ones (block, b, G, Dg, N, n_blocks). Only the small tensors are ever transposed.
-    """
+    """Per-call tensors in the compute dtype and position-major layout, shared by forward and backward:
+    u, delta, z (L, b, G, Dg); B, C (L, b, G, 1, N); state tensors (T, b, G, Dg, N)."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         batch, dim, length, n_state, groups = u.shape[0], u.shape[1], u.shape[2], A.shape[1], B.shape[1]
         dt = _compute_dtype(u)
         g, dg = groups, dim // groups
         self.shape = (batch, g, dg, n_state, length)
-        self.u = u.to(dt).view(batch, g, dg, length)
-        self.delta_raw = delta.to(dt).view(batch, g, dg, length)
+        self.u = _position_major(u.to(dt), batch, g, dg, length)
+        pre = delta.to(dt).view(batch, g, dg, length)
+        if delta_bias is not None:
+            pre = pre + delta_bias.to(dt).view(1, g, dg, 1)
+        self.delta_pre = _position_major(pre, batch, g, dg, length)
+        self.delta = F.softplus(self.delta_pre) if delta_softplus else self.delta_pre
         self.A = A.to(dt).view(g, dg, n_state)
-        self.A6 = self.A.view(1, 1, g, dg, n_state, 1)
-        self.B = B.to(dt)
-        self.C = C.to(dt)
+        # decays as exp2(delta * A * log2 e): torch's exp2 is ~3x faster than exp on CPU (AVX-512, torch 2.15)
+        self.A2 = self.A * LOG2E
+        self.B = _position_major(B.to(dt), batch, g, n_state, length).unsqueeze(3)
+        self.C = _position_major(C.to(dt), batch, g, n_state, length).unsqueeze(3)
         self.D = None if D is None else D.to(dt).view(g, dg)
-        self.z = None if z is None else z.to(dt).view(batch, g, dg, length)
-        self.bias = None if delta_bias is None else delta_bias.to(dt).view(1, g, dg, 1)
-        self.softplus = delta_softplus
+        self.z = None if z is None else _position_major(z.to(dt), batch, g, dg, length)
         self.dtype = dt
 
-    def delta_pre(self, s, e):
-        d = self.delta_raw[..., s:e]
-        return d + self.bias if self.bias is not None else d
+    def states(self, s, e, h0):
+        """Decays a = exp(delta A) and states h of positions [s, e), from the state h0 (b, G, Dg, N) before s."""
+        delta = self.delta[s:e]
+        a = (delta.unsqueeze(-1) * self.A2).exp2_()
+        h = (delta * self.u[s:e]).unsqueeze(-1) * self.B[s:e]
+        steps, decays = _positions(h), _positions(a)
+        # one in-place multiply-add per position (in place, not out=: exported graphs must stay differentiable)
+        prev = steps[0].addcmul_(decays[0], h0)
+        for h_t, a_t in zip(steps[1:], decays[1:]):
+            prev = h_t.addcmul_(a_t, prev)
+        return a, h
 
-    def delta(self, s, e):
-        d = self.delta_pre(s, e)
-        return F.softplus(d) if self.softplus else d
-
-    def chunk(self, s, e, h0):
-        """States of positions [s, e) from the state h0 before s. Returns (steps, h) with small step tensors."""
-        block = _block_size(e - s)
-        st = {
-            "block": block,
-            "delta": _step_layout(self.delta(s, e), block),
-            "u": _step_layout(self.u[..., s:e], block),
-            "B": _step_layout(self.B[..., s:e], block).unsqueeze(3),
-            "C": _step_layout(self.C[..., s:e], block).unsqueeze(3),
-        }
-        a = torch.exp(st["delta"].unsqueeze(4) * self.A6)
-        decay = torch.exp(torch.cumsum(st["delta"], dim=0).unsqueeze(4) * self.A6)
-        b = (st["delta"] * st["u"]).unsqueeze(4) * st["B"]
-        return st, linear_recurrence_steps(a, b, decay, h0)
-
-    def readout(self, st, h):
-        y = (h * st["C"]).sum(4)
+    def readout(self, s, e, h, overwrite=False):
+        """y (T, b, G, Dg) of positions [s, e) from their states (``overwrite``: h is not needed afterwards)."""
+        y = (h.mul_(self.C[s:e]) if overwrite else h * self.C[s:e]).sum(-1)
         if self.D is not None:
-            y = y + self.D.view(1, 1, *self.D.shape, 1) * st["u"]
+            y = y + self.D * self.u[s:e]
         return y
+
+
+def _positions(t: torch.Tensor) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """Per-position views of t, to be written in place. unbind makes them in one call (~30% less overhead per
+    step than indexing), but autograd forbids in-place writes to its views, as when export inlines the scan into
+    a graph that later runs with grad enabled; there, and whenever grad is on, one select per position."""
+    traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()   # the graph may later run with grad
+    if torch.is_grad_enabled() or traced:
+        return [t[i] for i in range(t.shape[0])]
+    return t.unbind(0)
+
+
+def _channel_major(t: torch.Tensor, batch: int, dim: int) -> torch.Tensor:
+    """(L, b, G, Dg) -> (b, G*Dg, L) contiguous (a 2-D transpose, as in ``_position_major``)."""
+    length = t.shape[0]
+    return t.reshape(length, -1).t().contiguous().view(batch, dim, length)
 
 
 def _forward(scan: _Scan, chunk: int):
     batch, groups, dg, n_state, length = scan.shape
-    y = torch.empty(batch, groups, dg, length, dtype=scan.dtype, device=scan.u.device)
+    y = torch.empty(length, batch, groups, dg, dtype=scan.dtype, device=scan.u.device)
     h = torch.zeros(batch, groups, dg, n_state, dtype=scan.dtype, device=scan.u.device)
     boundaries = []
     for s in range(0, length, chunk):
         e = min(length, s + chunk)
         boundaries.append(h)
-        st, hs = scan.chunk(s, e, h)
-        y[..., s:e] = _natural_layout(scan.readout(st, hs), e - s)
-        last = e - s - 1
-        h = hs[last % st["block"], ..., last // st["block"]].clone()
+        _, hs = scan.states(s, e, h)
+        h = hs[-1].clone()
+        y[s:e] = scan.readout(s, e, hs, overwrite=True)
     return y, h, boundaries
 
 
@@ -201,7 +167,7 @@ class SelectiveScanTorch(torch.autograd.Function):
         out = y if scan.z is None else y * F.silu(scan.z)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *boundaries)
         ctx.meta = (delta_softplus, chunk, grouped_b, grouped_c)
-        out = out.reshape(batch, groups * dg, length).to(u.dtype)
+        out = _channel_major(out, batch, groups * dg).to(u.dtype)
         last = last.reshape(batch, groups * dg, n_state).to(u.dtype)
         ctx.mark_non_differentiable(last)
         return out, last
@@ -214,70 +180,63 @@ class SelectiveScanTorch(torch.autograd.Function):
         C4 = C if grouped_c else C.unsqueeze(1)
         scan = _Scan(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus)
         batch, groups, dg, n_state, length = scan.shape
-        gout = grad_out.to(scan.dtype).reshape(batch, groups, dg, length)
+        gout = _position_major(grad_out.to(scan.dtype), batch, groups, dg, length)
 
         du = torch.empty_like(scan.u)
         ddelta = torch.empty_like(scan.u)
         dA = torch.zeros_like(scan.A)
-        dB = torch.empty_like(scan.B)
-        dC = torch.empty_like(scan.C)
-        dD = None if scan.D is None else torch.zeros_like(scan.D)
+        dB = torch.empty(length, batch, groups, n_state, dtype=scan.dtype, device=u.device)
+        dC = torch.empty_like(dB)
         dz = None if scan.z is None else torch.empty_like(scan.z)
+        dD = None if scan.D is None else torch.zeros_like(scan.D)
         # carry = a * dh at the first position of the chunk after this one
         carry = torch.zeros(batch, groups, dg, n_state, dtype=scan.dtype, device=u.device)
         starts = list(range(0, length, chunk))
         for i in reversed(range(len(starts))):
             s = starts[i]
             e = min(length, s + chunk)
-            st, h = scan.chunk(s, e, boundaries[i])
-            block = st["block"]
-            g = gout[..., s:e]
+            a, h = scan.states(s, e, boundaries[i])
+            g = gout[s:e]
             if scan.z is not None:
-                zc = scan.z[..., s:e]
+                zc = scan.z[s:e]
                 sig = torch.sigmoid(zc)
-                y = _natural_layout(scan.readout(st, h), e - s)
-                dz[..., s:e] = g * y * sig * (1 + zc * (1 - sig))
+                dz[s:e] = g * scan.readout(s, e, h) * sig * (1 + zc * (1 - sig))
                 g = g * zc * sig
-            g_st = _step_layout(g, block)
-            # Reverse recurrence dh_p = C_p g_p + a_{p+1} dh_{p+1}. Flipping both step axes reverses the sequence;
-            # padded steps (delta 0 -> a 1, input 0) then come first and pass the carry through unchanged.
-            delta_next = F.pad(scan.delta(s, e)[..., 1:], (0, 1))
-            dn_rev = _step_layout(delta_next, block).flip(0, -1)
-            a_rev = torch.exp(dn_rev.unsqueeze(4) * scan.A6)
-            decay_rev = torch.exp(torch.cumsum(dn_rev, dim=0).unsqueeze(4) * scan.A6)
-            c_rev = (g_st.unsqueeze(4) * st["C"]).flip(0, -1)
-            dh = linear_recurrence_steps(a_rev, c_rev, decay_rev, carry).flip(0, -1)
-            del a_rev, decay_rev, c_rev
-            delta_st, u_st = st["delta"], st["u"]
-            carry = torch.exp(delta_st[0, ..., 0].unsqueeze(-1) * scan.A) * dh[0, ..., 0]
-            # a_p * h_{p-1} = h_p - b_p: no shifted copy of h needed.
-            dlog_a = dh * (h - (delta_st * u_st).unsqueeze(4) * st["B"])  # gradient w.r.t. delta * A
-            dC[..., s:e] = _natural_layout((g_st.unsqueeze(4) * h).sum(3), e - s)
+            # reverse recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1}, the chunk after this one entering as the carry
+            dh = g.unsqueeze(-1) * scan.C[s:e]
+            dh[-1] += carry
+            for t in range(e - s - 2, -1, -1):
+                dh[t].addcmul_(a[t + 1], dh[t + 1])
+            carry = a[0] * dh[0]
+            delta_c, u_c = scan.delta[s:e], scan.u[s:e]
+            dlu = (delta_c * u_c).unsqueeze(-1)
+            # sums over channels as batched (1 x Dg) @ (Dg x N) products: no state-sized temporary
+            dC[s:e] = torch.matmul(g.unsqueeze(-2), h).squeeze(-2)
+            dB[s:e] = torch.matmul(dlu.transpose(-1, -2), dh).squeeze(-2)
+            dh_B = (dh * scan.B[s:e]).sum(-1)
+            # gradient w.r.t. delta * A: dh_t a_t h_{t-1} = dh_t (h_t - b_t), in h's storage (h is not needed again)
+            del a
+            dlog_a = h.sub_(dlu * scan.B[s:e]).mul_(dh)
             del h
-            dh_B = (dh * st["B"]).sum(4)
-            du_st = dh_B * delta_st
-            ddelta_st = dh_B * u_st + (dlog_a * scan.A6).sum(4)
-            dA += (dlog_a * delta_st.unsqueeze(4)).sum((0, 1, 5))
-            dB[..., s:e] = _natural_layout((dh * (delta_st * u_st).unsqueeze(4)).sum(3), e - s)
-            du_c = _natural_layout(du_st, e - s)
-            uc = scan.u[..., s:e]
+            du_c = dh_B * delta_c
             if scan.D is not None:
-                du_c = du_c + scan.D[None, :, :, None] * g
-                dD += torch.einsum("bgdt,bgdt->gd", g, uc)
-            du[..., s:e] = du_c
-            ddelta_c = _natural_layout(ddelta_st, e - s)
+                du_c = du_c + scan.D * g
+                dD += (g * u_c).sum((0, 1))
+            du[s:e] = du_c
+            ddelta_c = dh_B * u_c + (dlog_a * scan.A).sum(-1)
             if delta_softplus:
-                ddelta_c = ddelta_c * torch.sigmoid(scan.delta_pre(s, e))
-            ddelta[..., s:e] = ddelta_c
+                ddelta_c = ddelta_c * torch.sigmoid(scan.delta_pre[s:e])
+            ddelta[s:e] = ddelta_c
+            dA += (dlog_a * delta_c.unsqueeze(-1)).sum((0, 1))
 
         dim = groups * dg
-        dbias = None if delta_bias is None else ddelta.sum(dim=(0, 3)).reshape(dim).to(delta_bias.dtype)
-        dB = dB.to(B.dtype) if grouped_b else dB.squeeze(1).to(B.dtype)
-        dC = dC.to(C.dtype) if grouped_c else dC.squeeze(1).to(C.dtype)
-        return (du.reshape(batch, dim, length).to(u.dtype), ddelta.reshape(batch, dim, length).to(delta.dtype),
-                dA.reshape(dim, n_state).to(A.dtype), dB, dC,
-                None if dD is None else dD.reshape(dim).to(D.dtype),
-                None if dz is None else dz.reshape(batch, dim, length).to(z.dtype),
+        dbias = None if delta_bias is None else ddelta.sum(dim=(0, 1)).reshape(dim).to(delta_bias.dtype)
+        dB = dB.movedim(0, -1).to(B.dtype)
+        dC = dC.movedim(0, -1).to(C.dtype)
+        return (_channel_major(du, batch, dim).to(u.dtype), _channel_major(ddelta, batch, dim).to(delta.dtype),
+                dA.reshape(dim, n_state).to(A.dtype), dB if grouped_b else dB.squeeze(1),
+                dC if grouped_c else dC.squeeze(1), None if dD is None else dD.reshape(dim).to(D.dtype),
+                None if dz is None else _channel_major(dz, batch, dim).to(z.dtype),
                 dbias, None, None)
 
 

@@ -87,9 +87,9 @@ def test_long_sequence_fp32_stays_exact():
     ref_tail, _ = _run(selective_scan_loop, tail)
     # Contribution of the carried state to the tail: scan the tail once from zero and once from h_split.
     scan = sst._Scan(tail["u"], tail["delta"], tail["A"], tail["B"].unsqueeze(1), tail["C"].unsqueeze(1), tail["D"],
-                 None, tail["delta_bias"], True)
-    st, hs = scan.chunk(0, 200, h_split.view(1, 1, 2, 2))
-    expected = sst._natural_layout(scan.readout(st, hs), 200).reshape(1, 2, 200)
+                     None, tail["delta_bias"], True)
+    _, hs = scan.states(0, 200, h_split.view(1, 1, 2, 2))
+    expected = scan.readout(0, 200, hs).movedim(0, -1).reshape(1, 2, 200)
     torch.testing.assert_close(out[..., split:].double(), expected, rtol=1e-4, atol=1e-4)
     assert ref_tail.shape == expected.shape
 
