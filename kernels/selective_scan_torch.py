@@ -241,6 +241,9 @@ class SelectiveScanTorch(torch.autograd.Function):
                 dbias, None, None)
 
 
+# torch.compile runs the scan as it is, outside the graph: tracing would unroll the per-position loop (L steps a
+# chunk; 5 minutes to compile a tiny model at 128² on 2 cores), and inductor has nothing to fuse in it
+@torch.compiler.disable
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
     """Pure-PyTorch selective scan with mamba's ``selective_scan_fn`` signature (see module docstring)."""
