@@ -129,8 +129,8 @@ def _positions(t: torch.Tensor) -> list[torch.Tensor] | tuple[torch.Tensor, ...]
     """Per-position views of t, to be written in place. unbind makes them in one call (~30% less overhead per
     step than indexing), but autograd forbids in-place writes to its views, as when export inlines the scan into
     a graph that later runs with grad enabled; there, and whenever grad is on, one select per position."""
-    traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()   # the graph may later run with grad
-    if torch.is_grad_enabled() or traced:
+    # torch.compile never traces in here (selective_scan_torch is compiler-disabled); export does
+    if torch.is_grad_enabled() or torch.compiler.is_exporting():
         return [t[i] for i in range(t.shape[0])]
     return t.unbind(0)
 
