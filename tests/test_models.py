@@ -225,3 +225,44 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(name):
     assert len(calls) == len(blocks)
     with pytest.raises(ValueError, match="True or False"):
         model.encoder.set_grad_checkpointing("yes")
+
+
+def test_compile_model_scopes_inductor_options(monkeypatch):
+    """``compile_model`` hands inductor the model's options (no 2-D tiling with fast blocks, inductor's defaults
+    otherwise) with the mode's own (CUDA graphs for ``cuda_graphs``) through ``torch.compile(options=...)``, the one
+    form that takes both, and never through the process-wide config."""
+    from vm_unet.models import VSSBlockFast, compile_model, create_model, inductor_options
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    before = torch._inductor.config.triton.max_tiles
+    fast = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), VSSBlockFast(8))
+    isic = create_model("vmunet_isic", **TINY)
+    assert inductor_options(fast) == {"triton.max_tiles": 1} and inductor_options(isic) == {}
+    assert compile_model(fast) is fast and compile_model(fast, cuda_graphs=True) is fast
+    assert compile_model(isic) is isic and compile_model(isic, cuda_graphs=True) is isic
+    assert seen == [{"dynamic": False, "options": {"triton.max_tiles": 1}},
+                    {"dynamic": False, "options": {"triton.cudagraphs": True, "triton.max_tiles": 1}},
+                    {"dynamic": False, "options": {}},
+                    {"dynamic": False, "options": {"triton.cudagraphs": True}}]
+    assert torch._inductor.config.triton.max_tiles == before
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_step_at_batch_one():
+    """A compiled ``vmunet_fast`` training step at 512² batch 1: with inductor's 2-D tiling (torch 2.11, Triton
+    3.6) it stopped with "CUDA error: misaligned address"; ``compile_model`` turns that tiling off for such models."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from vm_unet.models import compile_model, create_model
+
+    torch.manual_seed(0)
+    net = compile_model(create_model("vmunet_fast").cuda())
+    x = torch.randn(1, 3, 512, 512, device="cuda")
+    target = (torch.rand(1, 1, 512, 512, device="cuda") > 0.5).float()
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x).float(), target)
+        loss.backward()
+        torch.cuda.synchronize()
+        assert torch.isfinite(loss)
