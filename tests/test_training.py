@@ -290,6 +290,35 @@ def test_gpu_train_cuda_graphs(tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3, abs=1e-4)
 
 
+@pytest.mark.gpu
+def test_gpu_resume_with_fused_adamw(tmp_path):
+    """On a GPU the trainer's AdamW is the fused one, and a run stopped after epoch 1 and resumed (fused state
+    restored) ends where the uninterrupted run does, to the GPU's reduction-order tolerance."""
+    class Crash(Exception):
+        pass
+
+    def crash(info):
+        if info["epoch"] == 1:
+            raise Crash
+
+    def cfg(out):
+        c = dict(tiny_cfg(out, epochs=2, amp="off"), device="cuda")
+        c["model"]["overrides"]["drop_path_rate"] = 0.0
+        return c
+    full = train(cfg(tmp_path / "full"))
+    with pytest.raises(Crash):
+        train(cfg(tmp_path / "b"), callbacks={"on_epoch_end": crash})
+    (partial,) = list((tmp_path / "b").iterdir())
+    resumed = train(read_checkpoint(partial / "last.pt")["extra"]["config"], resume=partial)
+    groups = read_checkpoint(resumed / "last.pt")["training_state"]["optimizer"]["param_groups"]
+    assert groups and all(g["fused"] for g in groups)
+    ha = json.loads((full / "metrics.json").read_text())["history"]
+    hb = json.loads((resumed / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in hb] == [1, 2]
+    for a, b in zip(ha, hb):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3, abs=1e-5)
+
+
 def test_train_grad_checkpointing_option(tmp_path):
     """``train.grad_checkpointing=true`` trains with block recomputation and matches the plain run; a
     non-boolean value is a config error before anything is written."""
