@@ -1,5 +1,6 @@
 """Model families and the registry of ready-made configurations."""
-from .registry import compile_model, create_model, inductor_options, list_models, model_config, model_entry, register_model
+from .registry import (compile_model, create_model, inductor_options, list_models, model_config, model_entry,
+                       register_model)
 from .vmamba import SS2D, VSSBlock, VSSEncoder, set_grad_checkpointing
 from .vmamba_fast import VSSBlockFast, VSSEncoderFast
 from .vmunet import VMUNet
@@ -25,4 +26,5 @@ for _route, _what in [("bidirectional", "Vim bidirectional row scan (K=2) + lear
 del _ISIC, _route, _what
 
 __all__ = ["SS2D", "VMUNet", "VSSBlock", "VSSBlockFast", "VSSEncoder", "VSSEncoderFast", "compile_model",
-           "create_model", "inductor_options", "list_models", "model_config", "model_entry", "register_model", "set_grad_checkpointing"]
+           "create_model", "inductor_options", "list_models", "model_config", "model_entry", "register_model",
+           "set_grad_checkpointing"]
