@@ -57,9 +57,8 @@ def test_train_synthetic_outputs(full_run):
     assert not list(run.glob(".*tmp*"))
 
 
-def test_resume_is_exact(tmp_path, full_run):
-    full = full_run
-
+def _stop_after_epoch_one_then_resume(cfg) -> Path:
+    """Train ``cfg`` until a crash at the end of epoch 1, resume the run from its ``last.pt``; the run folder."""
     class Crash(Exception):
         pass
 
@@ -68,10 +67,16 @@ def test_resume_is_exact(tmp_path, full_run):
             raise Crash
 
     with pytest.raises(Crash):
-        train(tiny_cfg(tmp_path / "b", ema=0.9), callbacks={"on_epoch_end": crash})
-    (partial,) = list((tmp_path / "b").iterdir())
+        train(cfg, callbacks={"on_epoch_end": crash})
+    (partial,) = list(Path(cfg["out"]).iterdir())
     resumed = train(read_checkpoint(partial / "last.pt")["extra"]["config"], resume=partial)
     assert resumed == partial
+    return resumed
+
+
+def test_resume_is_exact(tmp_path, full_run):
+    full = full_run
+    resumed = _stop_after_epoch_one_then_resume(tiny_cfg(tmp_path / "b", ema=0.9))
     a, b = read_checkpoint(full / "last.pt"), read_checkpoint(resumed / "last.pt")
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
@@ -294,22 +299,12 @@ def test_gpu_train_cuda_graphs(tmp_path):
 def test_gpu_resume_with_fused_adamw(tmp_path):
     """On a GPU the trainer's AdamW is the fused one, and a run stopped after epoch 1 and resumed (fused state
     restored) ends where the uninterrupted run does, to the GPU's reduction-order tolerance."""
-    class Crash(Exception):
-        pass
-
-    def crash(info):
-        if info["epoch"] == 1:
-            raise Crash
-
     def cfg(out):
         c = dict(tiny_cfg(out, epochs=2, amp="off"), device="cuda")
         c["model"]["overrides"]["drop_path_rate"] = 0.0
         return c
     full = train(cfg(tmp_path / "full"))
-    with pytest.raises(Crash):
-        train(cfg(tmp_path / "b"), callbacks={"on_epoch_end": crash})
-    (partial,) = list((tmp_path / "b").iterdir())
-    resumed = train(read_checkpoint(partial / "last.pt")["extra"]["config"], resume=partial)
+    resumed = _stop_after_epoch_one_then_resume(cfg(tmp_path / "b"))
     groups = read_checkpoint(resumed / "last.pt")["training_state"]["optimizer"]["param_groups"]
     assert groups and all(g["fused"] for g in groups)
     ha = json.loads((full / "metrics.json").read_text())["history"]
