@@ -22,6 +22,7 @@ import torch
 
 from . import triton_scan_core as core
 from .routes import route_indices
+from .triton_transpose import transpose_last2
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,24 +59,46 @@ def _route_plan(route: str, h: int, w: int, device) -> tuple[torch.Tensor, torch
     return packed[:k * length].view(k, length), packed[k * length:], lay
 
 
-def _swap(t: torch.Tensor, lay, rows: int, cols: int) -> torch.Tensor:
-    """(b, K, C, rows*cols) -> same, with the directions flagged in ``lay`` transposed to (cols, rows)."""
+# The layout copies below (transposes, the merge of the two accumulators) run as the tiled Triton kernel of
+# ``triton_transpose`` from this many elements on, as PyTorch's strided copies below it. A Triton launch costs 25-50 µs
+# of host time against PyTorch's 10-17 µs (H200, Triton 3.6), and the GPU time it saves grows with the size (stage 1
+# at 256² batch 32, 25 M elements: 130 -> about 25 µs a copy); below this size eager steps are bound by the host.
+LAYOUT_OPTS = {"triton_min_numel": 1 << 23}
+
+
+def _tiled(t: torch.Tensor) -> bool:
+    return t.numel() >= LAYOUT_OPTS["triton_min_numel"]
+
+
+def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(b, K, C, rows*cols) -> same in ``dtype`` (default t's), with the directions flagged in the route plan
+    (``maps`` from ``_maps_for``) transposed to (cols, rows): one pass, the cast on the store."""
+    dtype, lay = dtype or t.dtype, maps[4]
     if not any(lay):
-        return t
-    b, k, c, _ = t.shape
-    parts = [t[:, i].reshape(b, c, rows, cols).transpose(-1, -2).reshape(b, c, rows * cols) if lay[i] else t[:, i]
-             for i in range(k)]
-    return torch.stack(parts, 1)
+        return t.to(dtype)
+    if not _tiled(t):
+        b, k, c, _ = t.shape
+        parts = [t[:, i].reshape(b, c, rows, cols).transpose(-1, -2).reshape(b, c, rows * cols) if lay[i]
+                 else t[:, i] for i in range(k)]
+        return torch.stack(parts, 1).to(dtype)
+    out = torch.empty(t.shape, device=t.device, dtype=dtype)
+    return transpose_last2(t.unflatten(-1, (rows, cols)), out=out.unflatten(-1, (cols, rows)),
+                           which=maps[3]).flatten(-2)
 
 
 def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, D, H, W) -> slot 0 and slot 1 as (b, D, H*W): the image itself (not copied when contiguous), and its
-    transposed copy when a direction reads it (else slot 0 again). The kernels take the two as separate tensors."""
+    """(b, D, H, W) -> slot 0 and slot 1 as (b, D, H*W): the image itself (not copied when contiguous, e.g. made
+    contiguous by a tiled transpose when its channels are innermost, as a gradient from a channel-last norm), and
+    its transposed copy when a direction reads it (else slot 0 again). The kernels take them as two tensors."""
     b, d = t.shape[:2]
-    t0 = t.reshape(b, d, h * w).contiguous()
+    t0 = t.reshape(b, d, h * w)
+    if not t0.is_contiguous():
+        t0 = transpose_last2(t0.transpose(1, 2)) if _tiled(t) else t0.contiguous()
     if not any(lay):
         return t0, t0
-    return t0, t.transpose(-1, -2).reshape(b, d, h * w)
+    if not _tiled(t):
+        return t0, t.transpose(-1, -2).reshape(b, d, h * w)
+    return t0, transpose_last2(t0.view(b, d, h, w)).view(b, d, h * w)
 
 
 def _slots(lay) -> int:
@@ -89,16 +112,18 @@ def _merge_slots(t: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.T
     y = t[0].view(b, d, h, w)
     if t.shape[0] == 1:
         return y.to(dtype)
-    return torch.add(y, t[1].view(b, d, w, h).transpose(-1, -2), out=torch.empty(b, d, h, w, dtype=dtype,
-                                                                                  device=t.device))
+    if not _tiled(y):
+        return torch.add(y, t[1].view(b, d, w, h).transpose(-1, -2),
+                         out=torch.empty(b, d, h, w, dtype=dtype, device=t.device))
+    return transpose_last2(t[1].view(b, d, w, h), add=y, dtype=dtype)
 
 
-def _prep(x, dt_low, B, C, dt_weight, lay):
+def _prep(x, dt_low, B, C, dt_weight, maps):
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     L = h * w
-    per_dir = [_swap(t.reshape(b, k, -1, L), lay, h, w).contiguous() for t in (dt_low, B, C)]
-    return (_two_layouts(x, h, w, lay), *per_dir, dt_weight.contiguous(), b, d, h, w, k, r, L)
+    per_dir = [_swap(t.reshape(b, k, -1, L), maps, h, w).contiguous() for t in (dt_low, B, C)]
+    return (_two_layouts(x, h, w, maps[4]), *per_dir, dt_weight.contiguous(), b, d, h, w, k, r, L)
 
 
 def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device) -> tuple:
@@ -136,6 +161,13 @@ _FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True
 # kernels read it: measured on H200 (BENCHMARKS.md), N=16 fwd+bwd -7% at R=12, -17% at R=24, -45% at R=48, about
 # even at R=6 (+0.4 GB); N=1 (memory-bound) 11-16% slower at R >= 12.
 DELTA_OPTS = {"min_rank": 12, "min_state": 8}
+
+
+def _delta_grad_dtype(lows: torch.Tensor) -> torch.dtype:
+    """Precision of dΔ and of its two GEMMs (d dt_low, d dt_weight) in the backward: dt_low's own when that is half
+    precision (what dt_proj, a Linear, does under autocast in the published model; half the bytes, tensor-core
+    GEMMs), else fp32. Δ itself stays fp32: the kernels read a bf16 Δ 7-8% slower (H200, stage 2, BENCHMARKS.md)."""
+    return lows.dtype if lows.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int) -> tuple[tuple, dict]:
@@ -183,7 +215,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, and for the backward what ``_kept_shapes`` says: chunk-start states, segment end states and ΣΔ."""
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
-    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps[4])
+    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps)
     n = A.shape[1]
     out = torch.zeros(_slots(maps[4]), b, d, L, device=x.device, dtype=torch.float32)
     prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
@@ -211,21 +243,22 @@ DW_PIECE = 4096
 
 
 def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Σ_l dΔ lowᵀ per (batch, direction): (M, D, L) x (M, R, L) -> (M, D, R). One GEMM per row reduces over all of
-    L, and with few rows (long sequences at small batch) cuBLAS then leaves most of the GPU idle: 1.9 ms for 0.4 GB
-    read at 1024² batch 2 on an H100. Long L is cut into pieces, each a GEMM of its own (a strided batch per row,
-    views of the same memory), and the pieces summed."""
+    """Σ_l dΔ lowᵀ per (batch, direction): (M, D, L) x (M, R, L) -> (M, D, R), fp32 (GEMMs in the inputs' dtype,
+    each product widened before partial products are summed). One GEMM per row reduces over all of L, and with few
+    rows (long sequences at small batch) cuBLAS then leaves most of the GPU idle: 1.9 ms for 0.4 GB read at 1024²
+    batch 2 on an H100. Long L is cut into pieces, each a GEMM of its own (a strided batch per row, views of the same
+    memory), and the pieces summed."""
     m, d, L = ddt.shape
     if L < 2 * DW_PIECE:
-        return torch.matmul(ddt, low.transpose(1, 2))
+        return torch.matmul(ddt, low.transpose(1, 2)).float()
     n = L // DW_PIECE
     main = n * DW_PIECE
     parts = [torch.matmul(ddt[i, :, :main].view(d, n, DW_PIECE).transpose(0, 1),     # (n, D, piece)
                           low[i, :, :main].view(-1, n, DW_PIECE).permute(1, 2, 0))     # (n, piece, R)
              for i in range(m)]
-    dW = torch.stack(parts).sum(1)                                                     # one reduction
+    dW = torch.stack(parts).float().sum(1)                                             # one reduction
     if main < L:
-        dW += torch.matmul(ddt[:, :, main:], low[:, :, main:].transpose(1, 2))
+        dW += torch.matmul(ddt[:, :, main:], low[:, :, main:].transpose(1, 2)).float()
     return dW
 
 
@@ -238,13 +271,13 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     forward kept (see ``_kept_shapes``), or empty."""
     maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
     lay = maps[4]
-    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, lay)
+    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps)
     n = A.shape[1]
     prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
     g0, g1 = _two_layouts(grad, h, w, lay)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.zeros(_slots(lay), b, d, L, **f32)
-    ddt = torch.empty(b, k, d, L, **f32)       # dΔ in each direction's read layout (same as lows)
+    ddt = torch.empty(b, k, d, L, device=x.device, dtype=_delta_grad_dtype(lows))   # dΔ, in each direction's read layout
     dB = torch.zeros(b, k, n, L, **f32)
     dC = torch.zeros(b, k, n, L, **f32)
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
@@ -257,12 +290,12 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
         states=states if states.numel() else None,
         seg_ends=(seg_hend, seg_sdl, _forward_plan(n, L, d, b * k)) if seg_hend.numel() else None)
     # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
-    dlow = torch.matmul(W.float().transpose(1, 2), ddt)                                # (b, k, r, L)
-    dW = _dt_weight_grad(ddt.view(b * k, d, L), lows.float().reshape(b * k, r, L)).view(b, k, d, r).sum(0)
-    # back from each direction's read layout to image layout
-    dlow, dB, dC = (_swap(t, lay, w, h) for t in (dlow, dB, dC))
-    return [_merge_slots(dx, h, w, x.dtype), dlow.reshape(dt_low.shape).to(dt_low.dtype),
-            dB.reshape(B.shape).to(B.dtype), dC.reshape(C.shape).to(C.dtype),
+    dlow = torch.matmul(W.to(ddt.dtype).transpose(1, 2), ddt)                          # (b, k, r, L)
+    dW = _dt_weight_grad(ddt.view(b * k, d, L), lows.to(ddt.dtype).reshape(b * k, r, L)).view(b, k, d, r).sum(0)
+    # back from each direction's read layout to image layout, cast on the way
+    dlow, dB, dC = (_swap(t, maps, w, h, like.dtype).reshape(like.shape) for t, like in
+                    ((dlow, dt_low), (dB, B), (dC, C)))
+    return [_merge_slots(dx, h, w, x.dtype), dlow, dB, dC,
             dW.view(dt_weight.shape).to(dt_weight.dtype), dbias.view(dt_bias.shape).to(dt_bias.dtype),
             dA.to(A.dtype), dD.to(Ds.dtype)]
 

@@ -41,12 +41,15 @@ class _Recorder:
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1"
     from vm_unet.kernels import triton_norm_gate as ng
+    from vm_unet.kernels import triton_transpose as tr
     from vm_unet.kernels.triton_selective_scan import selective_scan_triton
     from vm_unet.kernels.triton_ss2d import ss2d_core_triton
 
     recorders = [_Recorder(core._scan_fwd_kernel), _Recorder(core._scan_bwd_kernel),
-                 _Recorder(ng._norm_gate_fwd_kernel), _Recorder(ng._norm_gate_bwd_kernel)]
-    core._scan_fwd_kernel, core._scan_bwd_kernel, ng._norm_gate_fwd_kernel, ng._norm_gate_bwd_kernel = recorders
+                 _Recorder(ng._norm_gate_fwd_kernel), _Recorder(ng._norm_gate_bwd_kernel),
+                 _Recorder(tr._transpose_kernel)]
+    (core._scan_fwd_kernel, core._scan_bwd_kernel, ng._norm_gate_fwd_kernel, ng._norm_gate_bwd_kernel,
+     tr._transpose_kernel) = recorders
     g = torch.Generator().manual_seed(0)
     for segments in (1, 3):
         core.TILE_OVERRIDE = {"segments": segments}

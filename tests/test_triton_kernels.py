@@ -191,6 +191,16 @@ def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, monkeypatch):
                  monkeypatch=monkeypatch)
 
 
+# the layout copies around the kernels as tiled Triton transposes (the default from 8 M elements on), forced here
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ss2d_with_tiled_layout_copies(dtype, monkeypatch):
+    from vm_unet.kernels import triton_ss2d
+    monkeypatch.setitem(triton_ss2d.LAYOUT_OPTS, "triton_min_numel", 1)
+    compare_ss2d(ss2d_inputs(2, 5, 3, 7, 3, 16, dtype), "cross", 1e-5 if dtype == torch.float32 else 2e-2,
+                 monkeypatch=monkeypatch)
+
+
 # Δ materialised by one GEMM (the default from rank 12 and d_state 8 on) instead of the in-kernel low-rank product:
 # forced on at the tiny shapes, odd H/W and D, fp32 and bf16, with L split into segments too
 @cpu_only
@@ -238,6 +248,50 @@ def test_ss2d_backward_reuses_the_forward_segment_ends(segments, monkeypatch):
     assert end_passes == [segments[0]]      # the forward's; the backward's states pass reused them
 
 
+@cpu_only
+def test_transpose_last2_matches_torch():
+    from vm_unet.kernels.triton_transpose import transpose_last2
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(2, 3, 70, 65, generator=g)                 # several tiles each way, ragged edges
+    assert torch.equal(transpose_last2(big), big.transpose(-1, -2))
+    cl = torch.randn(2, 5, 6, 4, generator=g).permute(0, 3, 1, 2)  # channels innermost, as a (b, C, H, W) view
+    assert torch.equal(transpose_last2(cl), cl.transpose(-1, -2))
+    assert torch.equal(transpose_last2(big[0, 0]), big[0, 0].t())  # 2-D
+    # into a strided slice of a larger output, with an add and a cast to bf16 on the store
+    src, add = torch.randn(2, 2, 3, 5, 7, generator=g), torch.randn(2, 2, 3, 7, 5, generator=g)
+    out = torch.zeros(2, 4, 3, 7, 5, dtype=torch.bfloat16)
+    transpose_last2(src, out=out[:, 1::2], add=add)
+    # (within one bf16 step: the interpreter's fp32 -> bf16 cast may round differently from torch's)
+    assert torch.allclose(out[:, 1::2].float(), src.transpose(-1, -2) + add, rtol=2 ** -7, atol=0)
+    assert not out[:, ::2].any()
+    with pytest.raises(ValueError, match="shape"):
+        transpose_last2(src, out=out[:, ::2].transpose(-1, -2))
+
+
+# the SS2D layout copies, both ways: PyTorch's strided copies (small tensors) and the tiled Triton transposes
+@cpu_only
+@pytest.mark.parametrize("min_numel", [1 << 30, 1])
+def test_ss2d_layout_helpers(min_numel, monkeypatch):
+    from vm_unet.kernels import triton_ss2d
+    from vm_unet.kernels.triton_ss2d import _merge_slots, _swap, _two_layouts
+    monkeypatch.setitem(triton_ss2d.LAYOUT_OPTS, "triton_min_numel", min_numel)
+    g = torch.Generator().manual_seed(0)
+    b, d, h, w = 2, 3, 4, 5
+    t = torch.randn(b, h, w, d, generator=g).permute(0, 3, 1, 2)    # a gradient from a channel-last norm
+    t0, t1 = _two_layouts(t, h, w, (0, 1, 0, 1))
+    assert t0.is_contiguous() and torch.equal(t0, t.reshape(b, d, h * w))
+    assert torch.equal(t1, t.transpose(-1, -2).reshape(b, d, h * w))
+    acc = torch.randn(2, b, d, h * w, generator=g)
+    ref = acc[0].view(b, d, h, w) + acc[1].view(b, d, w, h).transpose(-1, -2)
+    assert torch.allclose(_merge_slots(acc, h, w, torch.bfloat16).float(), ref, rtol=2 ** -7, atol=0)
+    for lay in [(0, 1, 0, 1), (1, 1, 0), (0, 0, 0)]:
+        x = torch.randn(b, len(lay), 3, h * w, generator=g)
+        want = torch.stack([x[:, i].view(b, 3, h, w).transpose(-1, -2).reshape(b, 3, h * w) if f else x[:, i]
+                            for i, f in enumerate(lay)], 1)
+        maps = (None, None, None, torch.tensor(lay, dtype=torch.int32), lay)
+        assert torch.allclose(_swap(x, maps, h, w, torch.bfloat16).float(), want, rtol=2 ** -7, atol=0)
+
+
 def test_dt_weight_grad_in_pieces_of_long_sequences(monkeypatch):
     from vm_unet.kernels import triton_ss2d
     g = torch.Generator().manual_seed(0)
@@ -257,7 +311,7 @@ def test_delta_materialised_only_where_measured_faster():
         if materialised:   # Δ (b, K, D, L) = W_k @ low_k, in fp32
             ref = torch.einsum("kdr,bkrl->bkdl", W, lows)
             assert args[0].shape == (2, 4, 8, 10) and torch.allclose(args[0], ref, atol=1e-5)
-            assert args[1:5] == args[0].stride()
+            assert args[0].dtype == torch.float32 and args[1:5] == args[0].stride()
 
 
 # L split into segments (the two-pass scan used when few programs would walk all of L): forced segment counts
