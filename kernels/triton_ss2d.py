@@ -72,7 +72,7 @@ def _tiled(t: torch.Tensor) -> bool:
 
 def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(b, K, C, rows*cols) -> same in ``dtype`` (default t's), with the directions flagged in the route plan
-    (``maps`` from ``_maps_for``) transposed to (cols, rows): one pass, the cast on the store."""
+    (``maps`` from ``_maps_for``) transposed to (cols, rows); tiled: one pass, the cast on the store."""
     dtype, lay = dtype or t.dtype, maps[4]
     if not any(lay):
         return t.to(dtype)
@@ -87,9 +87,9 @@ def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, dtype: torch.dtype
 
 
 def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, D, H, W) -> slot 0 and slot 1 as (b, D, H*W): the image itself (not copied when contiguous, e.g. made
-    contiguous by a tiled transpose when its channels are innermost, as a gradient from a channel-last norm), and
-    its transposed copy when a direction reads it (else slot 0 again). The kernels take them as two tensors."""
+    """(b, D, H, W) -> slot 0 and slot 1 as (b, D, H*W): the image itself (not copied when contiguous; a gradient
+    from the channel-last output norm arrives with its channels innermost and is transposed), and its transposed
+    copy when a direction reads it (else slot 0 again). The kernels take them as two tensors."""
     b, d = t.shape[:2]
     t0 = t.reshape(b, d, h * w)
     if not t0.is_contiguous():
