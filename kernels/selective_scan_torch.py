@@ -83,9 +83,11 @@ def _chunk_length(batch: int, dim: int, n_state: int, length: int) -> int:
 
 class _Scan:
     """Per-call tensors in the compute dtype and position-major layout, shared by forward and backward:
-    u, delta, z (L, b, G, Dg); B, C (L, b, G, 1, N); state tensors (T, b, G, Dg, N)."""
+    u, delta, z (L, b, G, Dg); B, C (L, b, G, 1, N), given as (b, G, N, L) or ungrouped (b, N, L); state tensors
+    (T, b, G, Dg, N)."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        B, C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
         batch, dim, length, n_state, groups = u.shape[0], u.shape[1], u.shape[2], A.shape[1], B.shape[1]
         dt = _compute_dtype(u)
         g, dg = groups, dim // groups
@@ -159,9 +161,7 @@ class SelectiveScanTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         grouped_b, grouped_c = B.dim() == 4, C.dim() == 4
-        B4 = B if grouped_b else B.unsqueeze(1)
-        C4 = C if grouped_c else C.unsqueeze(1)
-        scan = _Scan(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus)
+        scan = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         batch, groups, dg, n_state, length = scan.shape
         chunk = _chunk_length(batch, groups * dg, n_state, length)
         y, last, boundaries = _forward(scan, chunk)
@@ -177,9 +177,7 @@ class SelectiveScanTorch(torch.autograd.Function):
     def backward(ctx, grad_out, grad_last):
         u, delta, A, B, C, D, z, delta_bias, *boundaries = ctx.saved_tensors
         delta_softplus, chunk, grouped_b, grouped_c = ctx.meta
-        B4 = B if grouped_b else B.unsqueeze(1)
-        C4 = C if grouped_c else C.unsqueeze(1)
-        scan = _Scan(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus)
+        scan = _Scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         batch, groups, dg, n_state, length = scan.shape
         gout = _position_major(grad_out.to(scan.dtype), batch, groups, dg, length)
 
