@@ -175,10 +175,39 @@ def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int) -> tuple[t
     r = lows.shape[2]
     if r < DELTA_OPTS["min_rank"] or n_state < DELTA_OPTS["min_state"]:
         return (lows, *lows.stride(), W, W.stride(0), W.stride(1)), _FLAGS
-    # fp32 as the in-kernel product is (autocast would make it bf16: 1.2e-3 vs 2e-6 rel. error in fp32 tests)
-    with torch.autocast(lows.device.type, enabled=False):
-        delta = torch.matmul(W.float(), lows.float())            # (K, D, R) @ (b, K, R, L) -> (b, K, D, L)
+    delta = _delta_gemm(W, lows)
     return (delta, *delta.stride(), W, 0, 0), dict(_FLAGS, LOWRANK=False)
+
+
+def _half_gemm_fp32_out(lows: torch.Tensor, numel: int) -> bool:
+    """Whether Δ of ``numel`` elements comes from the half-precision GEMM of ``_delta_gemm``: CUDA, a PyTorch with
+    ``bmm(..., out_dtype=torch.float32)``, and Δ under 2**31 elements (its (K, D, b, L) layout is indexed in int32
+    by the kernels)."""
+    return (lows.is_cuda and lows.dtype in (torch.float16, torch.bfloat16) and numel < 2 ** 31
+            and "dtype" in torch.ops.aten.bmm.overloads())
+
+
+def _delta_gemm(W: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
+    """Δ_k = W_k @ low_k, (K, D, R) @ (b, K, R, L) -> (b, K, D, L) fp32, the kernels' precision for Δ.
+
+    Half-precision low-rank factors (dt_low under autocast): per direction one tensor-core GEMM over the whole
+    batch, (D, 2R) @ (2R, b·L), accumulated and written in fp32, returned as a (b, K, D, L) view of (K, D, b, L).
+    fp32 W is split into two half-precision parts, hi + lo, against dt_low stacked twice, so W keeps about 16
+    mantissa bits (rel. error of Δ 2.5e-6; W rounded to bf16 alone gave 1.7e-3), for a copy of dt_low (2R/D of Δ's
+    size). The depth 2R also keeps the rows 16-byte aligned at R = 12, where cuBLAS otherwise picks a kernel 2.5x
+    slower. The fp32 GEMM, the path otherwise, ran on the CUDA cores at 1.0-1.8 TB/s of output (R = 12..48, H200):
+    about 0.9 ms of a 256² batch-32 inference; under autocast it would round Δ to bf16."""
+    b, k, r, L = lows.shape
+    d = W.shape[1]
+    if _half_gemm_fp32_out(lows, b * k * d * L):
+        hi = W.to(lows.dtype)
+        lo = (W - hi.to(W.dtype)).to(lows.dtype)
+        low_t = lows.permute(1, 2, 0, 3)                                        # (K, R, b, L), a view
+        low2 = torch.cat([low_t, low_t], 1).reshape(k, 2 * r, b * L)
+        delta = torch.bmm(torch.cat([hi, lo], 2), low2, out_dtype=torch.float32)   # (K, D, b·L)
+        return delta.view(k, d, b, L).permute(2, 0, 1, 3)
+    with torch.autocast(lows.device.type, enabled=False):
+        return torch.matmul(W.float(), lows.float())
 
 
 # Chunk-start states stored by the forward spare the backward its states pass (one more forward-kernel run) when

@@ -554,6 +554,26 @@ def test_gpu_ss2d_random_shapes(dtype, tol, monkeypatch):
                      monkeypatch=monkeypatch)
 
 
+# Δ from half-precision dt_low (autocast): one tensor-core GEMM per direction, W split into hi + lo halves, fp32 out;
+# odd D, L and R (rows of 13 halves are not 16-byte aligned), and the fp32 fallback for Δ of 2**31 elements or more
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_delta_gemm_of_half_inputs_keeps_fp32_precision(dtype):
+    from vm_unet.kernels import triton_ss2d
+    g = torch.Generator().manual_seed(5)
+    for b, k, d, r, L in [(3, 4, 37, 12, 33), (2, 2, 96, 24, 64), (1, 4, 50, 13, 7)]:
+        W = (torch.randn(k, d, r, generator=g) * 0.3).cuda()
+        lows = torch.randn(b, k, r, L, generator=g).to("cuda", dtype)
+        delta = triton_ss2d._delta_gemm(W, lows)
+        ref = torch.einsum("kdr,bkrl->bkdl", W.double(), lows.double())
+        assert delta.dtype == torch.float32 and delta.shape == ref.shape
+        assert rel(delta, ref) < 2e-5       # W rounded to half precision alone: about 2e-3
+    assert triton_ss2d._half_gemm_fp32_out(lows, 2 ** 31 - 1)
+    assert not triton_ss2d._half_gemm_fp32_out(lows, 2 ** 31)
+    assert not triton_ss2d._half_gemm_fp32_out(lows.float(), 10)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
