@@ -201,7 +201,7 @@ def _delta_gemm(W: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
     d = W.shape[1]
     if _half_gemm_fp32_out(lows, b * k * d * L):
         hi = W.to(lows.dtype)
-        lo = (W - hi.to(W.dtype)).to(lows.dtype)
+        lo = (W - hi).to(lows.dtype)                    # W - hi in W's precision (type promotion)
         low_t = lows.permute(1, 2, 0, 3)                                        # (K, R, b, L), a view
         low2 = torch.cat([low_t, low_t], 1).reshape(k, 2 * r, b * L)
         delta = torch.bmm(torch.cat([hi, lo], 2), low2, out_dtype=torch.float32)   # (K, D, b·L)

@@ -110,6 +110,28 @@ def time_fwd_bwd(fn, args):
     return do_bench(step, warmup=25, rep=200, return_mode="median")
 
 
+def time_published_cross(b, d, hw, dtype):
+    """(fwd ms, fwd+bwd ms) of the published VMamba v0 cross-scan of x (b, D, H, W) into 4 direction copies and
+    cross-merge of the 4 outputs, as torch ops (stack / transpose / flip), the part of issue 3's anchor that is
+    not the scan."""
+    L = hw * hw
+    x = torch.randn(b, d, hw, hw, device="cuda", dtype=dtype, requires_grad=True)
+    ys = torch.randn(b, 4, d, L, device="cuda", dtype=dtype, requires_grad=True)
+
+    def cross():
+        xs = torch.stack([x.view(b, d, L), x.transpose(2, 3).reshape(b, d, L)], dim=1)
+        xs = torch.cat([xs, xs.flip(-1)], dim=1)                                    # (b, 4, D, L)
+        y = ys[:, 0:2] + ys[:, 2:4].flip(-1)
+        y = y[:, 0] + y[:, 1].view(b, d, hw, hw).transpose(2, 3).reshape(b, d, L)   # (b, D, L)
+        return xs, y
+
+    gx, gy = (torch.randn_like(t) for t in cross())
+    fwd = do_bench(cross, warmup=25, rep=100, return_mode="median")
+    fb = do_bench(lambda: torch.autograd.grad(cross(), (x, ys), (gx, gy)), warmup=25, rep=100,
+                  return_mode="median")
+    return fwd, fb
+
+
 def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref):
     row = {"shape": name, "batch": b, "D": d, "L": hw * hw, "R": r, "N": n, "dtype": str(dtype).split(".")[-1]}
     args = make_inputs(b, d, hw, r, n, dtype)
@@ -138,6 +160,13 @@ def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref):
         if mamba_scan is not None:
             row["mamba_scan_fwd_ms"] = do_bench(lambda: mamba_scan(u, dl, A, Bs, Cs, Ds, None, bias, True),
                                                 warmup=25, rep=100, return_mode="median")
+            # issue 3's anchor, measured in this run: mamba_ssm's CUDA scan + the published torch cross-scan/merge
+            margs = [t.detach().clone().requires_grad_(True) for t in (u, dl, A, Bs, Cs, Ds)]
+            row["mamba_scan_fwdbwd_ms"] = time_fwd_bwd(
+                lambda u_, dl_, A_, B_, C_, D_: mamba_scan(u_, dl_, A_, B_, C_, D_, None, bias, True), margs)
+            cross_f, cross_fb = time_published_cross(b, d, hw, dtype)
+            row["mamba_anchor_fwd_ms"] = row["mamba_scan_fwd_ms"] + cross_f
+            row["mamba_anchor_fwdbwd_ms"] = row["mamba_scan_fwdbwd_ms"] + cross_fb
         os.environ["VM_UNET_BACKEND"] = "auto"
     del args, gargs
     torch.cuda.empty_cache()
@@ -359,12 +388,16 @@ def main():
                       flush=True)
     result["rows"] = rows
     save(result, a.out)
-    print("\n| shape | N | dtype | fused fwd ms | GB/s | %copy | fused fwd+bwd ms | unfused fwd | unfused fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    print("\n| shape | N | dtype | fused fwd ms | GB/s | %copy | fused fwd+bwd ms | unfused fwd | unfused fwd+bwd "
+          "| mamba anchor fwd (x ours) | mamba anchor fwd+bwd (x ours) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r_ in rows:
+        mf, mfb = r_.get("mamba_anchor_fwd_ms", nan), r_.get("mamba_anchor_fwdbwd_ms", nan)
         print(f"| {r_['shape']} b{r_['batch']} | {r_['N']} | {r_['dtype']} | {r_['fused_fwd_ms']:.3f} | "
               f"{r_['fused_fwd_GBs']:.0f} | {r_['fused_fwd_pct_copy']:.0f}% | {r_['fused_fwdbwd_ms']:.3f} | "
-              f"{r_.get('unfused_fwd_ms', float('nan')):.3f} | {r_.get('unfused_fwdbwd_ms', float('nan')):.3f} |")
+              f"{r_.get('unfused_fwd_ms', nan):.3f} | {r_.get('unfused_fwdbwd_ms', nan):.3f} | "
+              f"{mf:.3f} ({mf / r_['fused_fwd_ms']:.2f}x) | {mfb:.3f} ({mfb / r_['fused_fwdbwd_ms']:.2f}x) |")
 
 
 if __name__ == "__main__":
