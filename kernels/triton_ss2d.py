@@ -163,11 +163,14 @@ _FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True
 DELTA_OPTS = {"min_rank": 12, "min_state": 8}
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _delta_grad_dtype(lows: torch.Tensor) -> torch.dtype:
     """Precision of dΔ and of its two GEMMs (d dt_low, d dt_weight) in the backward: dt_low's own when that is half
     precision (what dt_proj, a Linear, does under autocast in the published model; half the bytes, tensor-core
     GEMMs), else fp32. Δ itself stays fp32: the kernels read a bf16 Δ 7-8% slower (H200, stage 2, BENCHMARKS.md)."""
-    return lows.dtype if lows.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return lows.dtype if lows.dtype in _HALF else torch.float32
 
 
 def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int) -> tuple[tuple, dict]:
@@ -183,8 +186,13 @@ def _half_gemm_fp32_out(lows: torch.Tensor, numel: int) -> bool:
     """Whether Δ of ``numel`` elements comes from the half-precision GEMM of ``_delta_gemm``: CUDA, a PyTorch with
     ``bmm(..., out_dtype=torch.float32)``, and Δ under 2**31 elements (its (K, D, b, L) layout is indexed in int32
     by the kernels)."""
-    return (lows.is_cuda and lows.dtype in (torch.float16, torch.bfloat16) and numel < 2 ** 31
-            and "dtype" in torch.ops.aten.bmm.overloads())
+    return lows.is_cuda and lows.dtype in _HALF and numel < 2 ** 31 and _bmm_has_out_dtype()
+
+
+@functools.cache
+def _bmm_has_out_dtype() -> bool:
+    # looked up once: the op registry does not change, and the check sits on every call's path
+    return "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def _delta_gemm(W: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
