@@ -31,6 +31,7 @@ partials summed on the host.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -121,8 +122,43 @@ def _positions(idx_base, l, lmask, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, pos, lmask, c, cmask, s_l, s_c, POS_LAST: tl.constexpr):
+    """The [BL, BC] tile at positions ``pos`` and columns ``c`` (channels or states), in fp32.
+
+    Positions are gathered, so the compiler cannot tell which axis is contiguous in memory and lays the load
+    along its tie-break axis: the first before Triton 3.7, the last from 3.7 on. Positions are contiguous for
+    most routes, so the tile is built with positions on that axis (``POS_LAST``: as [BC, BL], then transposed,
+    which only relabels the layout) and consecutive positions land on consecutive lanes. Channels on the lanes
+    measured 1.2-1.6x slower in the forward under Triton 3.9 (BENCHMARKS.md, fourteenth session)."""
+    if POS_LAST:
+        t = tl.trans(tl.load(base + c[:, None] * s_c + pos[None, :] * s_l, mask=cmask[:, None] & lmask[None, :],
+                             other=0.0))
+    else:
+        t = tl.load(base + pos[:, None] * s_l + c[None, :] * s_c, mask=lmask[:, None] & cmask[None, :], other=0.0)
+    return t.to(tl.float32)
+
+
+@triton.jit
+def _store_tile(base, val, pos, lmask, c, cmask, s_l, s_c, ATOMIC: tl.constexpr, POS_LAST: tl.constexpr):
+    """Store (or atomically add) a [BL, BC] tile at positions ``pos`` and columns ``c``, laid out as
+    ``_load_tile`` reads."""
+    if POS_LAST:
+        ptrs = base + c[:, None] * s_c + pos[None, :] * s_l
+        mask = cmask[:, None] & lmask[None, :]
+        v = tl.trans(val)
+    else:
+        ptrs = base + pos[:, None] * s_l + c[None, :] * s_c
+        mask = lmask[:, None] & cmask[None, :]
+        v = val
+    if ATOMIC:
+        tl.atomic_add(ptrs, v, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, v.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias,
-                 LOWRANK: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+                 LOWRANK: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, POS_LAST: tl.constexpr):
     """Δ + δ_bias before softplus, [BL, BD] fp32. Low-rank: sum_r W[d, r] * low[r, pos]."""
     if LOWRANK:
         acc = tl.zeros([BL, BD], dtype=tl.float32)
@@ -131,8 +167,7 @@ def _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bia
             lo = tl.load(dt_base + r * s_td + pos * s_tl, mask=lmask, other=0.0).to(tl.float32)
             acc += lo[:, None] * w[None, :]
     else:
-        acc = tl.load(dt_base + pos[:, None] * s_tl + d[None, :] * s_td,
-                      mask=lmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc = _load_tile(dt_base, pos, lmask, d, dmask, s_tl, s_td, POS_LAST)
     return acc + bias[None, :]
 
 
@@ -206,7 +241,7 @@ def _scan_fwd_kernel(
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
-    FAST_EXP: tl.constexpr,
+    FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -245,13 +280,13 @@ def _scan_fwd_kernel(
         lmask = l < L
         pos = _positions(idx_base, l, lmask, GATHER)
         m2 = lmask[:, None] & dmask[None, :]
-        u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
-        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
+        u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
+        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
+                           POS_LAST)
         dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, True)
         if SEG_END:
             sdl += tl.sum(dl, axis=0)
-        nl = lmask[:, None] & nmask[None, :]
-        Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
+        Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         bx = (dl * u)[:, None, :] * Bt[:, :, None]
         # the carried state enters as part of the first row's input (h_0 = a_0 h + b_0), so the scan's running
@@ -261,18 +296,14 @@ def _scan_fwd_kernel(
         # state after the chunk = its last row (padded steps kept it unchanged)
         h = tl.sum(tl.where((j == BL - 1)[:, None, None], hs, 0.0), axis=0)
         if WRITE_OUT:
-            Ct = tl.load(C_base + pos[:, None] * s_Cl + n[None, :] * s_Cn, mask=nl, other=0.0).to(tl.float32)
+            Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
             y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                zt = tl.load(z_base + pos[:, None] * s_zl + d[None, :] * s_zd, mask=m2, other=0.0).to(tl.float32)
+                zt = _load_tile(z_base, pos, lmask, d, dmask, s_zl, s_zd, POS_LAST)
                 y = y * zt * _sigmoid(zt, FAST_EXP)
-            optr = o_base + pos[:, None] * s_ol + d[None, :] * s_od
-            if ATOMIC_OUT:
-                tl.atomic_add(optr, y, mask=m2, sem="relaxed")
-            else:
-                tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=m2)
+            _store_tile(o_base, y, pos, lmask, d, dmask, s_ol, s_od, ATOMIC_OUT, POS_LAST)
     if SEG_END:
         tl.store(hend_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], h, mask=dmask[None, :])
         tl.store(sdl_ptr + (row + seg) * DK + d, sdl, mask=dmask)
@@ -304,7 +335,7 @@ def _scan_bwd_kernel(
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, R: tl.constexpr,
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
-    SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr,
+    SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -361,31 +392,30 @@ def _scan_bwd_kernel(
         pos = pos_next
         pos_next = _positions(idx_base, l - BL, (l >= BL) & (l - BL < L), GATHER)
         m2 = lmask[:, None] & dmask[None, :]
-        nl = lmask[:, None] & nmask[None, :]
-        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL)
+        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
+                           POS_LAST)
         dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, False)
-        Ct = tl.load(C_base + pos[:, None] * s_Cl + n[None, :] * s_Cn, mask=nl, other=0.0).to(tl.float32)
+        Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
-        g = tl.load(g_base + pos[:, None] * s_gl + d[None, :] * s_gd, mask=m2, other=0.0).to(tl.float32)
+        g = _load_tile(g_base, pos, lmask, d, dmask, s_gl, s_gd, POS_LAST)
         if DH_ONLY:
             sdl += tl.sum(dl, axis=0)
         else:
             # states of this chunk, rebuilt from its stored start state
-            u = tl.load(u_base + pos[:, None] * s_ul + d[None, :] * s_ud, mask=m2, other=0.0).to(tl.float32)
-            Bt = tl.load(B_base + pos[:, None] * s_Bl + n[None, :] * s_Bn, mask=nl, other=0.0).to(tl.float32)
+            u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
+            Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
             dlu = dl * u
             bx = dlu[:, None, :] * Bt[:, :, None]
             h0 = tl.load(st_base + c * NP, mask=dmask[None, :], other=0.0)
             _, hs = tl.associative_scan((a, tl.where((j == 0)[:, None, None], bx + a * h0[None, :, :], bx)), 0,
                                         _combine)
         if HAS_Z:
-            zoff = pos[:, None] * s_zl + d[None, :] * s_zd
-            zt = tl.load(z_base + zoff, mask=m2, other=0.0).to(tl.float32)
+            zt = _load_tile(z_base, pos, lmask, d, dmask, s_zl, s_zd, POS_LAST)
             sig = _sigmoid(zt, FAST_EXP)
             if not DH_ONLY:
                 y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
                 dz = g * y * sig * (1.0 + zt * (1.0 - sig))
-                tl.store(dz_base + zoff, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                _store_tile(dz_base, dz, pos, lmask, d, dmask, s_zl, s_zd, False, POS_LAST)
             g = g * zt * sig
 
         # dh past the chunk enters through the last row (dh_last = C g + a_{l+1} dh_next), as the carried state
@@ -406,16 +436,12 @@ def _scan_bwd_kernel(
             # dC = sum_d g h, dB = sum_d Δ u dh: reduced over this program's channels, then atomics
             dCp = tl.sum(hs * g[:, None, :], axis=2)
             dBp = tl.sum(dh * dlu[:, None, :], axis=2)
-            tl.atomic_add(dC_base + pos[:, None] * s_dCl + n[None, :] * s_dCn, dCp, mask=nl, sem="relaxed")
-            tl.atomic_add(dB_base + pos[:, None] * s_dBl + n[None, :] * s_dBn, dBp, mask=nl, sem="relaxed")
+            _store_tile(dC_base, dCp, pos, lmask, n, nmask, s_dCl, s_dCn, True, POS_LAST)
+            _store_tile(dB_base, dBp, pos, lmask, n, nmask, s_dBl, s_dBn, True, POS_LAST)
 
             dhB = tl.sum(dh * Bt[:, :, None], axis=1)
             du = dl * dhB + Dv[None, :] * g
-            du_ptrs = du_base + pos[:, None] * s_dul + d[None, :] * s_dud
-            if ATOMIC_DU:
-                tl.atomic_add(du_ptrs, du, mask=m2, sem="relaxed")
-            else:
-                tl.store(du_ptrs, du.to(du_ptr.dtype.element_ty), mask=m2)
+            _store_tile(du_base, du, pos, lmask, d, dmask, s_dul, s_dud, ATOMIC_DU, POS_LAST)
             # a_l h_{l-1} = h_l - b_l: the gradient w.r.t. Δ·A needs no shifted state
             t = dh * (hs - bx)
             ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
@@ -425,8 +451,7 @@ def _scan_bwd_kernel(
             ddl = tl.where(m2, ddl, 0.0)
             dbias_acc += tl.sum(ddl, axis=0)
             dD_acc += tl.sum(g * u, axis=0)
-            tl.store(ddt_base + pos[:, None] * s_ddl + d[None, :] * s_ddd, ddl.to(ddt_ptr.dtype.element_ty),
-                     mask=m2)
+            _store_tile(ddt_base, ddl, pos, lmask, d, dmask, s_ddl, s_ddd, False, POS_LAST)
 
     if DH_ONLY:
         tl.store(q_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], a_next * dh_next, mask=dmask[None, :])
@@ -539,6 +564,22 @@ def _fast_exp() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"   # inline PTX cannot run in the CPU interpreter
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
+
+
+# Whether the kernels build their gathered tiles with positions on the last axis (see ``_load_tile``): Triton lays a
+# load whose axes look equally (non-)contiguous along its last axis from 3.7 on, along its first before.
+POS_LAST = _triton_version() >= (3, 7)
+
+
+def _pos_last(plan: LaunchPlan) -> bool:
+    # N=1 tiles (BL=64, BD=4) keep the direct build: under Triton 3.9 the transposed one measured 3-10% slower in
+    # fwd+bwd (stage 1 at 256² batch 32: 3.43 -> 3.71 ms fp32), channels on the lanes suiting their long chunks
+    return POS_LAST and plan.np > 1
+
+
 def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
@@ -556,7 +597,7 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
         seg_bufs = seg_ends
     else:
         seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
-    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), **flags)
+    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), **flags)
     if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
@@ -605,7 +646,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
             scan_forward(prefix, dims, plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
-                  FAST_EXP=_fast_exp(), **flags)
+                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), **flags)
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)

@@ -215,6 +215,21 @@ def test_ss2d_materialised_delta_matches_reference(dtype, segments, monkeypatch)
                  monkeypatch=monkeypatch)
 
 
+# the gathered tiles built both ways (kernels/triton_scan_core._load_tile): the installed Triton picks one, the other
+# must stay right for the Triton versions that pick it; the plain scan with z (gate loads, dz stores), SS2D with Δ from
+# the low rank and read materialised
+@cpu_only
+@pytest.mark.parametrize("pos_last", [False, True])
+def test_tiles_built_either_way_match_reference(pos_last, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    from vm_unet.kernels import triton_ss2d
+    monkeypatch.setattr(core, "POS_LAST", pos_last)
+    compare_scan(scan_inputs(2, 4, 19, 16, 2, torch.float32), softplus=True, tol=1e-5)
+    compare_ss2d(ss2d_inputs(2, 5, 3, 7, 3, 16, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    monkeypatch.setattr(triton_ss2d, "DELTA_OPTS", {"min_rank": 1, "min_state": 1})
+    compare_ss2d(ss2d_inputs(1, 3, 5, 3, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+
+
 # N=1: the forward keeps its chunk-start states (1/BL of x per direction) and the backward skips its states pass;
 # with L in one segment and in three (the segments' ΣΔ kept too)
 @cpu_only
