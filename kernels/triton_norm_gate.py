@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_scan_core import cdiv, next_pow2
+from .triton_scan_core import COMPILE_OPTS, cdiv, next_pow2
 
 # a program's tile holds at most this many elements (BP positions x DP channels, fp32 in registers)
 TILE_ELEMENTS = 4096
@@ -102,7 +102,7 @@ def norm_gate_fwd(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: 
     bp, dp, warps = _tile(d)
     _norm_gate_fwd_kernel[(cdiv(length, bp), b)](
         yf, *yf.stride(), zf, *zf.stride(), weight.contiguous(), bias.contiguous(), out, mean, rstd, d, length, eps,
-        BP=bp, DP=dp, num_warps=warps)
+        BP=bp, DP=dp, num_warps=warps, **COMPILE_OPTS)
     return out, mean, rstd
 
 
@@ -128,7 +128,7 @@ def norm_gate_bwd(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: 
     db = torch.empty_like(dw)
     _norm_gate_bwd_kernel[grid](
         gf, gf.stride(0), gf.stride(1), gf.stride(2), yf, *yf.stride(), zf, *zf.stride(), weight.contiguous(),
-        bias.contiguous(), mean, rstd, dy, dz, dw, db, d, length, BP=bp, DP=dp, num_warps=warps)
+        bias.contiguous(), mean, rstd, dy, dz, dw, db, d, length, BP=bp, DP=dp, num_warps=warps, **COMPILE_OPTS)
     return [dy, dz, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)]
 
 

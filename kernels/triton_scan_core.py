@@ -471,6 +471,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Passed to every launch of our kernels: FMA contraction stays on whatever Triton's default (3.9 warns that 3.10 turns
+# it off); the recurrences, polynomials and norms are written for FMAs
+COMPILE_OPTS = {"enable_fp_fusion": True}
+
 # Benchmarks and tests may set this to {"fwd": (BD, BL, warps[, maxnreg]), "bwd": (BD, BL, warps[, maxnreg]),
 # "segments": NSEG or (forward NSEG, backward NSEG)} to sweep tiles (and register caps) or force segment counts.
 TILE_OVERRIDE: dict | None = None
@@ -495,7 +499,7 @@ class LaunchPlan:
     maxnreg: int | None = None   # register cap per thread (None: the compiler's choice)
 
     def launch_opts(self) -> dict:
-        opts = dict(BD=self.bd, NP=self.np, BL=self.bl, num_warps=self.warps)
+        opts = dict(BD=self.bd, NP=self.np, BL=self.bl, num_warps=self.warps, **COMPILE_OPTS)
         if self.maxnreg:   # only when set: the CPU interpreter takes no such option
             opts["maxnreg"] = self.maxnreg
         return opts

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_scan_core import cdiv, next_pow2
+from .triton_scan_core import COMPILE_OPTS, cdiv, next_pow2
 
 
 @triton.jit
@@ -85,5 +85,5 @@ def transpose_last2(src: torch.Tensor, out: torch.Tensor | None = None, add: tor
     warps = max(1, min(4, bp * bq // 512))
     _transpose_kernel[(i * j * k, cdiv(p, bp) * qtiles)](
         s5, *s5.stride(), a5, *a5.stride(), o5, *o5.stride(), which if which is not None else o5, j, k, p, q,
-        qtiles, HAS_ADD=add is not None, WHICH=which is not None, BP=bp, BQ=bq, num_warps=warps)
+        qtiles, HAS_ADD=add is not None, WHICH=which is not None, BP=bp, BQ=bq, num_warps=warps, **COMPILE_OPTS)
     return out
