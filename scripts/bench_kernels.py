@@ -210,14 +210,13 @@ def parse_tiles(spec: str | None) -> dict:
     return tiles
 
 
-def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=None):
-    """Tile configs of the fused SS2D fwd and fwd+bwd per shape, fp32, one segment; with the peak memory of fwd+bwd
-    (the backward's chunk-start states take N/BL of x's size per direction). ``extra`` tiles are added to
+def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=None, dtypes=(torch.float32,)):
+    """Tile configs of the fused SS2D fwd and fwd+bwd per shape and input dtype, one segment; with the peak memory of
+    fwd+bwd (the backward's chunk-start states take N/BL of x's size per direction). ``extra`` tiles are added to
     ``SWEEP``'s (``parse_tiles``)."""
     rows = []
-    dtype = torch.float32
     for name, b, d, hw, r in named_shapes(shape_names):
-        for n in states:
+        for n, dtype in ((n, dt) for n in states for dt in dtypes):
             args = make_inputs(b, d, hw, r, n, dtype)
             gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
             base = torch.cuda.memory_allocated()
@@ -237,10 +236,11 @@ def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=N
                     except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
                         f = fg = fb = peak = float("nan")
                         print("  failed", cfg, type(e).__name__, str(e)[:200])
-                    rows.append({"shape": name, "N": n, "dtype": "float32", "kind": kind, "cfg": cfg, "fwd_ms": f,
+                    dt = str(dtype).removeprefix("torch.")
+                    rows.append({"shape": name, "N": n, "dtype": dt, "kind": kind, "cfg": cfg, "fwd_ms": f,
                                  "fwd_graph_ms": fg, "fwdbwd_ms": fb, "peak_gb": peak})
-                    print(f"sweep {name} N={n:2d} {kind} {cfg}: fwd {f:.3f} ms (graph {fg:.3f})  fwd+bwd {fb:.3f} ms  "
-                          f"peak {peak:.2f} GB", flush=True)
+                    print(f"sweep {name} N={n:2d} {dt} {kind} {cfg}: fwd {f:.3f} ms (graph {fg:.3f})  fwd+bwd "
+                          f"{fb:.3f} ms  peak {peak:.2f} GB", flush=True)
             del args, gargs
             torch.cuda.empty_cache()
     core.TILE_OVERRIDE = None
@@ -334,6 +334,7 @@ def main():
     p.add_argument("--sweep-shapes", default="s1-256", help="comma list of shape names for --sweep")
     p.add_argument("--sweep-states", default="16,1", help="comma list of d_state N for --sweep")
     p.add_argument("--sweep-kinds", default="fwd,bwd", help="which kernels' tiles --sweep varies")
+    p.add_argument("--sweep-dtypes", default="float32", help="comma list of input dtypes for --sweep")
     p.add_argument("--sweep-tiles", default=None, metavar="SPEC",
                    help="more tiles for --sweep, e.g. 'fwd=8,16,1;bwd=8,4,2' (BD,BL,warps)")
     p.add_argument("--check", action="store_true", help="check fused SS2D vs float64 reference at real shapes")
@@ -366,7 +367,8 @@ def main():
                 print("check", c, flush=True)
     if a.sweep:
         result["sweep"] = sweep(a.sweep_shapes.split(","), tuple(int(v) for v in a.sweep_states.split(",")),
-                                tuple(a.sweep_kinds.split(",")), parse_tiles(a.sweep_tiles))
+                                tuple(a.sweep_kinds.split(",")), parse_tiles(a.sweep_tiles),
+                                tuple(getattr(torch, v) for v in a.sweep_dtypes.split(",")))
     if a.profile:
         result["profile"] = profile_ops(a.profile, a.state)
     if a.against:
