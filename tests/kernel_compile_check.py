@@ -4,19 +4,26 @@ Run as a script (by ``test_kernel_compile.py``, in a process without ``TRITON_IN
 replaces the kernels' compiler). The kernels are swapped for recorders, the custom ops are called on small CPU
 tensors (forward and backward, plain scan, fused SS2D and its output stage, one segment and several), and each
 distinct launch (constexprs + argument types) is then compiled to a cubin with Triton's own ptxas. This catches what
-the CPU interpreter cannot: code that does not compile (type rules, constexpr globals, inline PTX).
+the CPU interpreter cannot: code that does not compile (type rules, constexpr globals, inline PTX). It also checks
+the tile layout the scan kernels' speed depends on (``check_tile_layout``).
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vm_unet.kernels import triton_scan_core as core
+from vm_unet.kernels.triton_scan_core import _load_tile, _store_tile
+
+# launch options, not kernel arguments
+_OPTIONS = ("num_warps", "enable_fp_fusion", "maxnreg")
 
 _TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
           torch.int64: "*i64"}
@@ -27,14 +34,16 @@ class _Recorder:
         self.kernel, self.launches = kernel, {}
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps=4, **constexprs):
+        def launch(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+            constexprs = kwargs
             names = [n for n in self.kernel.arg_names if n not in constexprs]
             assert len(names) == len(args), (len(names), len(args))
             sig = {n: _TYPES[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else
                    ("i64" if abs(int(a)) >= 2 ** 31 else "i32") for n, a in zip(names, args)}
             sig.update({n: "constexpr" for n in constexprs})
-            key = (tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), num_warps)
-            self.launches[key] = (sig, dict(constexprs), num_warps)
+            key = (tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            self.launches[key] = (sig, dict(constexprs), options)
         return launch
 
 
@@ -76,13 +85,46 @@ def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     count = 0
     for rec in recorders:
-        for sig, constexprs, warps in rec.launches.values():
+        for sig, constexprs, options in rec.launches.values():
             src = ASTSource(fn=rec.kernel, signature=sig, constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options={"num_warps": warps})
+            compiled = triton.compile(src, target=target, options=options)
             assert compiled.asm.get("cubin"), constexprs
             count += 1
     print(f"compiled {count} kernel variants for sm_90")
+    check_tile_layout(target, core.POS_LAST)
     return 0 if count >= 10 else 1
+
+
+@triton.jit
+def _tile_probe(x_ptr, idx_ptr, out_ptr, s_l, s_c, POS_LAST: tl.constexpr):
+    j = tl.arange(0, 8)
+    c = tl.arange(0, 16)
+    pos = tl.load(idx_ptr + j)
+    t = _load_tile(x_ptr, pos, j < 8, c, c < 16, s_l, s_c, POS_LAST)
+    _store_tile(out_ptr, t * 2.0, pos, j < 8, c, c < 16, s_l, s_c, False, POS_LAST)
+
+
+def check_tile_layout(target, pos_last: bool) -> None:
+    """What ``_load_tile`` relies on, on the installed Triton: a [positions, channels] tile at gathered positions,
+    built as ``POS_LAST`` says, is loaded with consecutive positions on consecutive lanes (its layout's fastest axis
+    is the positions axis and spans more than one lane). A Triton that breaks the tie differently fails here, not
+    silently at half speed on a GPU. Positions have stride 1 (specialised to a constant, as in the real launches)."""
+    src = ASTSource(fn=_tile_probe, signature={"x_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*fp32",
+                                               "s_l": "constexpr", "s_c": "i32", "POS_LAST": "constexpr"},
+                    constexprs={"s_l": 1, "POS_LAST": pos_last})
+    ttgir = triton.compile(src, target=target, options={"num_warps": 1, **core.COMPILE_OPTS}).asm["ttgir"]
+    shape = "16x8" if pos_last else "8x16"
+    load = re.search(rf"tt\.load .*: tensor<{shape}x!tt\.ptr<f32>, #(\w+)>", ttgir)
+    assert load, f"no [{shape}] tile load in the probe's TTGIR:\n{ttgir}"
+    layout = re.search(rf"#{load.group(1)} = #ttg\.blocked<\{{(.*)\}}>", ttgir)
+    assert layout, f"tile load layout #{load.group(1)} is not a blocked layout:\n{ttgir}"
+    lanes = [int(v) for v in re.search(r"threadsPerWarp = \[(\d+), (\d+)\]", layout.group(1)).groups()]
+    order = [int(v) for v in re.search(r"order = \[(\d+), (\d+)\]", layout.group(1)).groups()]
+    axis = 1 if pos_last else 0
+    assert order[0] == axis and lanes[axis] > 1, (
+        f"Triton {triton.__version__} lays the tile out as {layout.group(1)}: positions are not on the lanes; "
+        f"flip triton_scan_core.POS_LAST for this version")
+    print(f"tile layout ok (POS_LAST={pos_last}): {layout.group(1)}")
 
 
 if __name__ == "__main__":
