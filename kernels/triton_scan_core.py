@@ -12,7 +12,8 @@ A program owns (batch b, "slot" k, a block of BD channels, a segment of L) and w
 positions. The recurrence ``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a
 [BL, NP, BD] fp32 tile (scanned axis first, so Triton keeps each thread's positions in registers and the scan
 needs no lane shuffles); the state is carried between chunks in registers. Slot k is the group (plain scan) or the
-direction (SS2D); the parameter channel is ``k * DK + d`` in both cases.
+direction (SS2D); the parameter channel is ``k * DK + d`` in both cases. The kernels wait on memory more than they compute, so
+the forward (N > 1) loads each chunk's tiles one chunk ahead, and both read the route map ahead.
 
 Segments (parallel over L). With few (batch, slot, channel-block) rows, e.g. one 2048² image, walking all of L
 per program leaves the GPU empty, so L is cut into NSEG segments of CPS chunks: a first pass (``SEG_END``) runs
@@ -212,6 +213,24 @@ def _program_tile(kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD: tl.co
 
 
 @triton.jit
+def _chunk_tiles(u_base, B_base, C_base, dt_base, pos, lmask, d, dmask, n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn,
+                 s_tl, s_td, LOWRANK: tl.constexpr, WITH_C: tl.constexpr, POS_LAST: tl.constexpr):
+    """The forward's tiles of one chunk at positions ``pos``: u, B, C (``WITH_C``) and Δ when materialised (not
+    ``LOWRANK``); a tile not read is returned as a placeholder."""
+    u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
+    Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
+    if WITH_C:
+        Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
+    else:
+        Ct = Bt
+    if LOWRANK:
+        t = u
+    else:
+        t = _load_tile(dt_base, pos, lmask, d, dmask, s_tl, s_td, POS_LAST)
+    return u, Bt, Ct, t
+
+
+@triton.jit
 def _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A2, NP: tl.constexpr, BD: tl.constexpr,
               FAST_EXP: tl.constexpr):
     """Start state of segment ``seg``: fold the earlier segments' zero-start end states through their decays."""
@@ -241,7 +260,7 @@ def _scan_fwd_kernel(
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
-    FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr,
+    FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -273,20 +292,43 @@ def _scan_fwd_kernel(
     sdl = tl.zeros([BD], dtype=tl.float32)
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
+    lim = tl.minimum(c1 * BL, L)   # end of this program's positions
+    if PREFETCH:
+        # loads run ahead of the math, which otherwise waits on them at every chunk (the kernel is bound by memory
+        # latency, not by its instructions): the route map two chunks ahead, the tiles of u, B, C (and of a
+        # materialised Δ) one chunk ahead, so no load waits on the map and their latency overlaps a chunk's scan
+        p_cur = _positions(idx_base, c0 * BL + j, c0 * BL + j < lim, GATHER)
+        p_nxt = _positions(idx_base, (c0 + 1) * BL + j, (c0 + 1) * BL + j < lim, GATHER)
+        u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_cur, c0 * BL + j < lim, d, dmask,
+                                              n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
+                                              LOWRANK, WRITE_OUT, POS_LAST)
     for c in range(c0, c1):
         if STORE_STATES:
             tl.store(st_base + c * NP, h, mask=dmask[None, :])
         l = c * BL + j
         lmask = l < L
-        pos = _positions(idx_base, l, lmask, GATHER)
+        if PREFETCH:
+            pos, u, Bt, Ct, t = p_cur, u_nx, B_nx, C_nx, t_nx
+            u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_nxt, l + BL < lim, d, dmask,
+                                                  n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
+                                                  LOWRANK, WRITE_OUT, POS_LAST)
+            p_cur = p_nxt
+            p_nxt = _positions(idx_base, l + 2 * BL, l + 2 * BL < lim, GATHER)
+        else:
+            # each tile read where first used (fewer live registers)
+            pos = _positions(idx_base, l, lmask, GATHER)
+            u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
         m2 = lmask[:, None] & dmask[None, :]
-        u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
-        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
-                           POS_LAST)
+        if PREFETCH and not LOWRANK:
+            pre = t + bias[None, :]
+        else:
+            pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
+                               POS_LAST)
         dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, True)
         if SEG_END:
             sdl += tl.sum(dl, axis=0)
-        Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
+        if not PREFETCH:
+            Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         bx = (dl * u)[:, None, :] * Bt[:, :, None]
         # the carried state enters as part of the first row's input (h_0 = a_0 h + b_0), so the scan's running
@@ -296,7 +338,8 @@ def _scan_fwd_kernel(
         # state after the chunk = its last row (padded steps kept it unchanged)
         h = tl.sum(tl.where((j == BL - 1)[:, None, None], hs, 0.0), axis=0)
         if WRITE_OUT:
-            Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
+            if not PREFETCH:
+                Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
             y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
@@ -485,6 +528,9 @@ TILE_OVERRIDE: dict | None = None
 # (256² b32) already fill the GPU (2 segments: 2.0 -> 3.2 ms), 96 (1024² b2) do not (43 segments: 22 -> 3.9 ms).
 SEGMENT_OPTS = {"below_programs": 1024, "target_programs": 4096, "min_chunks": 32}
 
+# Register cap of the N > 1 forward's default tile (see launch_plan)
+FWD_MAXNREG = 168
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -531,6 +577,9 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
         bd, bl = (8, 8) if backward else (16, 8)
         bd = max(1, bd * 16 // np_)
         warps = 1
+        # the forward, its tiles loaded a chunk ahead (_prefetch), would take ~220 registers: capped to keep 12 warps
+        # a multiprocessor (measured on H200 under Triton 3.9, BENCHMARKS.md fifteenth session)
+        maxnreg = None if backward else FWD_MAXNREG
     bd = max(1, min(bd, next_pow2(channels)))
     bl = max(1, min(bl, next_pow2(length)))
     nchunk = cdiv(length, bl)
@@ -584,6 +633,12 @@ def _pos_last(plan: LaunchPlan) -> bool:
     return POS_LAST and plan.np > 1
 
 
+def _prefetch(plan: LaunchPlan) -> bool:
+    # the forward loads a chunk ahead for N > 1 (fifteenth session: stage-1 forward -11% bf16, -18% fp32 on H200);
+    # N=1 tiles (BL=64, BD=4) measured slower with it (0.78 -> 0.92 ms), their loads already in flight together
+    return plan.np > 1
+
+
 def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
@@ -601,7 +656,8 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
         seg_bufs = seg_ends
     else:
         seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
-    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), **flags)
+    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), PREFETCH=_prefetch(plan),
+                  **flags)
     if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
