@@ -352,6 +352,22 @@ def test_launch_plan_segments_only_when_the_grid_is_small(monkeypatch):
     assert long.cps >= core.SEGMENT_OPTS["min_chunks"] and (long.nseg - 1) * long.cps < long.nchunk
 
 
+# the forward reads a chunk ahead (N > 1) under a register cap, the measured configuration; N=1 and the backward's
+# tiles (whose states pass runs the forward kernel too) keep their loops uncapped; the interpreter takes no cap
+def test_forward_loads_ahead_under_a_register_cap(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    fwd = core.launch_plan(16, 4096, 192, backward=False, rows=128)
+    assert core._prefetch(fwd) and fwd.launch_opts()["maxnreg"] == core.FWD_MAXNREG
+    bwd = core.launch_plan(16, 4096, 192, backward=True, rows=128)
+    assert core._prefetch(bwd) and "maxnreg" not in bwd.launch_opts()
+    n1 = core.launch_plan(1, 4096, 192, backward=False, rows=128)
+    assert not core._prefetch(n1) and "maxnreg" not in n1.launch_opts()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "maxnreg" not in core.launch_plan(16, 4096, 192, backward=False, rows=128).launch_opts()
+
+
 @routes.register_route("test_random_pair")
 def _random_pair(h, w):
     # any permutation route works through the index map: two arbitrary orders, no kernel change
