@@ -578,7 +578,7 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
         bd = max(1, bd * 16 // np_)
         warps = 1
         # the forward, its tiles loaded a chunk ahead (_prefetch), would take ~220 registers: capped to keep 12 warps
-        # a multiprocessor (measured on H200 under Triton 3.9, BENCHMARKS.md fifteenth session)
+        # a multiprocessor (measured on H200 under Triton 3.6 and 3.9, BENCHMARKS.md fifteenth session)
         maxnreg = None if backward else FWD_MAXNREG
     bd = max(1, min(bd, next_pow2(channels)))
     bl = max(1, min(bl, next_pow2(length)))
