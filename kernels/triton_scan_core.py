@@ -12,8 +12,8 @@ A program owns (batch b, "slot" k, a block of BD channels, a segment of L) and w
 positions. The recurrence ``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a
 [BL, NP, BD] fp32 tile (scanned axis first, so Triton keeps each thread's positions in registers and the scan
 needs no lane shuffles); the state is carried between chunks in registers. Slot k is the group (plain scan) or the
-direction (SS2D); the parameter channel is ``k * DK + d`` in both cases. The kernels wait on memory more than they compute, so
-the forward (N > 1) loads each chunk's tiles one chunk ahead, and both read the route map ahead.
+direction (SS2D); the parameter channel is ``k * DK + d`` in both cases. The kernels wait on memory more than
+they compute, so the forward (N > 1) loads each chunk's tiles one chunk ahead, and both read the route map ahead.
 
 Segments (parallel over L). With few (batch, slot, channel-block) rows, e.g. one 2048² image, walking all of L
 per program leaves the GPU empty, so L is cut into NSEG segments of CPS chunks: a first pass (``SEG_END``) runs
@@ -292,14 +292,15 @@ def _scan_fwd_kernel(
     sdl = tl.zeros([BD], dtype=tl.float32)
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
-    lim = tl.minimum(c1 * BL, L)   # end of this program's positions
     if PREFETCH:
         # loads run ahead of the math, which otherwise waits on them at every chunk (the kernel is bound by memory
         # latency, not by its instructions): the route map two chunks ahead, the tiles of u, B, C (and of a
         # materialised Δ) one chunk ahead, so no load waits on the map and their latency overlaps a chunk's scan
-        p_cur = _positions(idx_base, c0 * BL + j, c0 * BL + j < lim, GATHER)
-        p_nxt = _positions(idx_base, (c0 + 1) * BL + j, (c0 + 1) * BL + j < lim, GATHER)
-        u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_cur, c0 * BL + j < lim, d, dmask,
+        lim = tl.minimum(c1 * BL, L)   # end of this program's positions
+        l0 = c0 * BL + j
+        p_cur = _positions(idx_base, l0, l0 < lim, GATHER)
+        p_nxt = _positions(idx_base, l0 + BL, l0 + BL < lim, GATHER)
+        u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_cur, l0 < lim, d, dmask,
                                               n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
                                               LOWRANK, WRITE_OUT, POS_LAST)
     for c in range(c0, c1):
