@@ -26,7 +26,7 @@ Backward recomputes everything from the inputs: a forward pass stores only the c
 N/BL of the size of u), then a reverse pass rebuilds each chunk's states from its start state and runs the
 reverse recurrence ``dh_l = C_l g_l + a_{l+1} dh_{l+1}``. dΔ is stored (for the fused op, in each direction's read
 layout; the low-rank products are matmuls on the host); dB, dC and the merged dx are reduced over the program's
-BD channels and added with atomics; per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment)
+BD channels (dB, dC by a reduce-scatter over the channel lanes where the layout allows) and added with atomics; per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment)
 partials summed on the host.
 """
 from __future__ import annotations
@@ -155,6 +155,76 @@ def _store_tile(base, val, pos, lmask, c, cmask, s_l, s_c, ATOMIC: tl.constexpr,
         tl.atomic_add(ptrs, v, mask=mask, sem="relaxed")
     else:
         tl.store(ptrs, v.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lane_swap(x, MASK: tl.constexpr, ASM: tl.constexpr):
+    """x[..., d ^ MASK] along the last (channel) axis. ``ASM``: one shfl.sync.bfly, which exchanges registers with
+    lane ^ MASK, so it is that swap only in a layout with the channel axis on the low lanes (see ``_scatter``);
+    otherwise (the CPU interpreter) the swap itself, by split and join."""
+    if ASM:
+        if MASK == 1:
+            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        elif MASK == 2:
+            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        elif MASK == 4:
+            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            tl.static_assert(MASK == 8, "lane exchanges span at most 16 channel lanes")
+            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+    else:
+        R: tl.constexpr = x.shape[0]
+        S: tl.constexpr = x.shape[1]
+        Q: tl.constexpr = x.shape[2] // (2 * MASK)
+        lo, hi = tl.split(tl.permute(tl.reshape(x, [R, S, Q, 2, MASK]), [0, 1, 2, 4, 3]))
+        y = tl.reshape(tl.permute(tl.join(hi, lo), [0, 1, 2, 4, 3]), [R, S, x.shape[2]])
+    return y
+
+
+@triton.jit
+def _halve_rows(x, d, BIT: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
+    """One step of a reduce-scatter over the channel lanes: rows (axis 0) split in halves; the lane whose channel bit
+    ``BIT`` is 0 keeps the first half and gives the second to its partner (channel ^ BIT), which keeps the second.
+    Returns the kept half plus, when ``SWAP``, the partner's matching half (without: the kept half alone, for index
+    tiles that follow the same path)."""
+    M: tl.constexpr = x.shape[0]
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [2, M // 2, x.shape[1], x.shape[2]]), [1, 2, 3, 0]))
+    up = ((d & BIT) != 0)[None, None, :]
+    keep = tl.where(up, hi, lo)
+    if SWAP:
+        keep = keep + _lane_swap(tl.where(up, lo, hi), BIT, ASM)
+    return keep
+
+
+@triton.jit
+def _sum_channels_store(base, P, pos, lmask, d, n, nmask, s_l, s_n, SCATTER: tl.constexpr, ASM: tl.constexpr,
+                        POS_LAST: tl.constexpr):
+    """Add sum_d P[l, n, d] (P: [BL, NP, BD]) into base[pos[l], n] with atomics.
+
+    ``SCATTER``: a reduce-scatter over the channel axis, log2 BD rounds that each halve the rows, leaves every lane
+    its own rows' sums and stores them from where they are: per state, BL/2 + BL/4 + ... lane exchanges and adds.
+    ``tl.sum`` instead leaves every channel lane all the sums (BL log2 BD exchanges and adds), which then go through
+    shared memory to the store's layout. The position and mask tiles take the same path without exchanges, so all
+    end in one layout. Needs BD <= BL, and ``ASM`` only the layout ``_scatter`` names."""
+    if SCATTER:
+        BD: tl.constexpr = P.shape[2]
+        zero = tl.zeros(P.shape, dtype=tl.int32)
+        pos3 = pos[:, None, None] + zero
+        n3 = n[None, :, None] + zero
+        ok3 = (lmask[:, None, None] & nmask[None, :, None]) & (zero == 0)
+        for r in tl.static_range(0, 8):
+            if (1 << r) < BD:
+                P = _halve_rows(P, d, 1 << r, True, ASM)
+                pos3 = _halve_rows(pos3, d, 1 << r, False, ASM)
+                n3 = _halve_rows(n3, d, 1 << r, False, ASM)
+                ok3 = _halve_rows(ok3, d, 1 << r, False, ASM)
+        tl.atomic_add(base + n3 * s_n + pos3 * s_l, P, mask=ok3, sem="relaxed")
+    else:
+        _store_tile(base, tl.sum(P, axis=2), pos, lmask, n, nmask, s_l, s_n, True, POS_LAST)
 
 
 @triton.jit
@@ -379,7 +449,7 @@ def _scan_bwd_kernel(
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, R: tl.constexpr,
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
-    SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr,
+    SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -461,6 +531,12 @@ def _scan_bwd_kernel(
                 dz = g * y * sig * (1.0 + zt * (1.0 - sig))
                 _store_tile(dz_base, dz, pos, lmask, d, dmask, s_zl, s_zd, False, POS_LAST)
             g = g * zt * sig
+        if not DH_ONLY:
+            # dC = sum_d g h, reduced over this program's channels, then atomics. Taken before the reverse scan, so
+            # only h - b (= a_l h_{l-1}) stays live through it: one [BL, NP, BD] tile fewer at the peak
+            _sum_channels_store(dC_base, hs * g[:, None, :], pos, lmask, d, n, nmask, s_dCl, s_dCn, SCATTER,
+                                FAST_EXP, POS_LAST)
+            hsb = hs - bx
 
         # dh past the chunk enters through the last row (dh_last = C g + a_{l+1} dh_next), as the carried state
         # does in the forward; the scan's running product is then dead code
@@ -477,17 +553,15 @@ def _scan_bwd_kernel(
         dh_next = tl.sum(tl.where((j == 0)[:, None, None], dh, 0.0), axis=0)
 
         if not DH_ONLY:
-            # dC = sum_d g h, dB = sum_d Δ u dh: reduced over this program's channels, then atomics
-            dCp = tl.sum(hs * g[:, None, :], axis=2)
-            dBp = tl.sum(dh * dlu[:, None, :], axis=2)
-            _store_tile(dC_base, dCp, pos, lmask, n, nmask, s_dCl, s_dCn, True, POS_LAST)
-            _store_tile(dB_base, dBp, pos, lmask, n, nmask, s_dBl, s_dBn, True, POS_LAST)
+            # dB = sum_d Δ u dh, as dC above
+            _sum_channels_store(dB_base, dh * dlu[:, None, :], pos, lmask, d, n, nmask, s_dBl, s_dBn, SCATTER,
+                                FAST_EXP, POS_LAST)
 
             dhB = tl.sum(dh * Bt[:, :, None], axis=1)
             du = dl * dhB + Dv[None, :] * g
             _store_tile(du_base, du, pos, lmask, d, dmask, s_dul, s_dud, ATOMIC_DU, POS_LAST)
             # a_l h_{l-1} = h_l - b_l: the gradient w.r.t. Δ·A needs no shifted state
-            t = dh * (hs - bx)
+            t = dh * hsb
             ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
             dA_acc += tl.sum(t * dl[:, None, :], axis=0)
             if SOFTPLUS:
@@ -640,6 +714,16 @@ def _prefetch(plan: LaunchPlan) -> bool:
     return plan.np > 1
 
 
+def _scatter(plan: LaunchPlan) -> bool:
+    """Whether the backward sums dB/dC over channels by reduce-scatter (``_sum_channels_store``). On a GPU only for
+    the tile whose layout ``tests/kernel_compile_check.py`` verifies (channels on lanes 0-7, 4 state lanes, rows in
+    registers: the N=16 default), since its lane exchanges assume it; in the CPU interpreter, which swaps logically,
+    for any tile with BD <= BL. Measured on H200 (BENCHMARKS.md, sixteenth session): stage-1 fwd+bwd -9%."""
+    if not _fast_exp():
+        return plan.bd <= plan.bl
+    return (plan.bd, plan.np, plan.warps) == (8, 16, 1) and plan.bl >= plan.bd
+
+
 def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
@@ -707,7 +791,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
             scan_forward(prefix, dims, plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
-                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), **flags)
+                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), SCATTER=_scatter(plan), **flags)
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)

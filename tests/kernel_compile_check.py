@@ -83,14 +83,18 @@ def main() -> int:
             ng.norm_gate_triton(*yz, torch.ones(d, requires_grad=True), torch.zeros(d, requires_grad=True), 1e-5,
                                 dtype).sum().backward()
     target = GPUTarget("cuda", 90, 32)
-    count = 0
+    count = scattered = 0
     for rec in recorders:
         for sig, constexprs, options in rec.launches.values():
             src = ASTSource(fn=rec.kernel, signature=sig, constexprs=constexprs)
             compiled = triton.compile(src, target=target, options=options)
             assert compiled.asm.get("cubin"), constexprs
             count += 1
-    print(f"compiled {count} kernel variants for sm_90")
+            if constexprs.get("SCATTER") and not constexprs.get("DH_ONLY"):
+                check_scatter_layout(compiled.asm["ttgir"], constexprs["BD"])
+                scattered += 1
+    print(f"compiled {count} kernel variants for sm_90; {scattered} reduce-scatter layouts ok")
+    assert scattered, "no backward launch took the reduce-scatter path"
     check_tile_layout(target, core.POS_LAST)
     return 0 if count >= 10 else 1
 
@@ -125,6 +129,26 @@ def check_tile_layout(target, pos_last: bool) -> None:
         f"Triton {triton.__version__} lays the tile out as {layout.group(1)}: positions are not on the lanes; "
         f"flip triton_scan_core.POS_LAST for this version")
     print(f"tile layout ok (POS_LAST={pos_last}): {layout.group(1)}")
+
+
+def check_scatter_layout(ttgir: str, bd: int) -> None:
+    """What ``_lane_swap``'s shuffles rely on (``triton_scan_core._scatter``): every exchanged tile is laid out with
+    its last (channel) axis fastest, one element per thread along it and ``bd`` lanes across it, all in one warp, so
+    lane ^ m holds channel ^ m for m < bd. A Triton that lays the tile out otherwise fails here; on a GPU it would
+    sum the wrong channels."""
+    swaps = re.findall(r'elementwise_inline_asm "shfl\.sync\.bfly\.b32 \$0, \$1, (\d+),.*-> tensor<([\dx]+)xf32, #(\w+)>',
+                       ttgir)
+    assert len(swaps) == 2 * (bd.bit_length() - 1), f"expected 2 log2({bd}) lane exchanges, found {len(swaps)}"
+    for mask, shape, name in swaps:
+        layout = re.search(rf"#{name} = #ttg\.blocked<\{{(.*)\}}>", ttgir)
+        assert layout, f"lane exchange on #{name}, not a blocked layout"
+        fields = {k: [int(v) for v in vals.split(",")] for k, vals in
+                  re.findall(r"(\w+) = \[([\d, ]+)\]", layout.group(1))}
+        rank = len(shape.split("x"))
+        assert (fields["sizePerThread"][-1] == 1 and fields["threadsPerWarp"][-1] == bd
+                and fields["order"][0] == rank - 1 and set(fields["warpsPerCTA"]) == {1} and int(mask) < bd), (
+            f"Triton {triton.__version__} lays the reduce-scatter tile out as {layout.group(1)}: channels are not "
+            f"on lanes 0..{bd - 1}; turn triton_scan_core._scatter off for this version")
 
 
 if __name__ == "__main__":

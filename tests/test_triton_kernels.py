@@ -368,6 +368,35 @@ def test_forward_loads_ahead_under_a_register_cap(monkeypatch):
     assert "maxnreg" not in core.launch_plan(16, 4096, 192, backward=False, rows=128).launch_opts()
 
 
+# the backward's dB/dC channel sums by reduce-scatter (BD <= BL; the interpreter swaps lanes logically) and by
+# tl.sum's butterfly (BD > BL), L in two segments (the other tests take the scatter at the interpreter's default tiles)
+@cpu_only
+@pytest.mark.parametrize("bwd_tile,scatter", [((4, 4, 1), True), ((8, 4, 1), False)])
+def test_channel_sums_by_reduce_scatter_or_butterfly(bwd_tile, scatter, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    taken = []
+    real = core._scatter
+    monkeypatch.setattr(core, "_scatter", lambda plan: taken.append(real(plan)) or taken[-1])
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (8, 4, 1), "bwd": bwd_tile, "segments": 2})
+    compare_ss2d(ss2d_inputs(1, 6, 3, 5, 2, 16, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+    assert taken and set(taken) == {scatter}
+
+
+# on a GPU the lane exchanges assume the tile layout that tests/kernel_compile_check.py verifies: the N=16 default only
+def test_reduce_scatter_only_on_the_verified_gpu_tile(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    assert core._scatter(core.launch_plan(16, 4096, 192, backward=True, rows=128))
+    assert core._scatter(core.launch_plan(12, 65536, 192, backward=True, rows=8))
+    for n in (1, 2, 4, 8, 32, 64):
+        assert not core._scatter(core.launch_plan(n, 4096, 192, backward=True, rows=128)), n
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"bwd": (4, 8, 1)})
+    assert not core._scatter(core.launch_plan(16, 4096, 192, backward=True, rows=128))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert core._scatter(core.launch_plan(16, 4096, 192, backward=True, rows=128))
+
+
 @routes.register_route("test_random_pair")
 def _random_pair(h, w):
     # any permutation route works through the index map: two arbitrary orders, no kernel change
