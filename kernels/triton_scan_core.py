@@ -163,19 +163,10 @@ def _lane_swap(x, MASK: tl.constexpr, ASM: tl.constexpr):
     lane ^ MASK, so it is that swap only in a layout with the channel axis on the low lanes (see ``_scatter``);
     otherwise (the CPU interpreter) the swap itself, by split and join."""
     if ASM:
-        if MASK == 1:
-            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-        elif MASK == 2:
-            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-        elif MASK == 4:
-            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-        else:
-            tl.static_assert(MASK == 8, "lane exchanges span at most 16 channel lanes")
-            y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;", "=r,r", [x], dtype=tl.float32,
-                                          is_pure=True, pack=1)
+        tl.static_assert(MASK < 32, "a lane mask is below the warp size")
+        # the mask as an operand: a uniform constant, which ptxas folds into the instruction
+        y = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+                                      [x, tl.full(x.shape, MASK, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
     else:
         R: tl.constexpr = x.shape[0]
         S: tl.constexpr = x.shape[1]
