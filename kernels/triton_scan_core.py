@@ -26,8 +26,8 @@ Backward recomputes everything from the inputs: a forward pass stores only the c
 N/BL of the size of u), then a reverse pass rebuilds each chunk's states from its start state and runs the
 reverse recurrence ``dh_l = C_l g_l + a_{l+1} dh_{l+1}``. dΔ is stored (for the fused op, in each direction's read
 layout; the low-rank products are matmuls on the host); dB, dC and the merged dx are reduced over the program's
-BD channels (dB, dC by a reduce-scatter over the channel lanes where the layout allows) and added with atomics; per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment)
-partials summed on the host.
+BD channels (dB, dC by a reduce-scatter over the channel lanes where the layout allows) and added with atomics;
+per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment) partials summed on the host.
 """
 from __future__ import annotations
 
