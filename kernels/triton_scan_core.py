@@ -203,10 +203,9 @@ def _sum_channels_store(base, P, pos, lmask, d, n, nmask, s_l, s_n, SCATTER: tl.
     end in one layout. Needs BD <= BL, and ``ASM`` only the layout ``_scatter`` names."""
     if SCATTER:
         BD: tl.constexpr = P.shape[2]
-        zero = tl.zeros(P.shape, dtype=tl.int32)
-        pos3 = pos[:, None, None] + zero
-        n3 = n[None, :, None] + zero
-        ok3 = (lmask[:, None, None] & nmask[None, :, None]) & (zero == 0)
+        pos3 = tl.broadcast_to(pos[:, None, None], P.shape)
+        n3 = tl.broadcast_to(n[None, :, None], P.shape)
+        ok3 = tl.broadcast_to(lmask[:, None, None] & nmask[None, :, None], P.shape)
         for r in tl.static_range(0, 8):
             if (1 << r) < BD:
                 P = _halve_rows(P, d, 1 << r, True, ASM)
