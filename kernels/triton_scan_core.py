@@ -46,6 +46,57 @@ def _combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
+@triton.jit
+def _row(x, j, r, IN_REGS: tl.constexpr):
+    """Row ``r`` of a [BL, NP, BD] tile. ``IN_REGS`` (its rows sit in each thread's registers): the other rows are
+    masked to -0.0, since x + (-0.0) == x exactly, so the compiler folds the sum away to a plain pick (with +0.0 it
+    kept those adds, -0.0 + 0.0 being +0.0). Across lanes +0.0 compiled to fewer registers."""
+    if IN_REGS:
+        return tl.sum(tl.where(j[:, None, None] == r, x, -0.0), axis=0)
+    return tl.sum(tl.where(j[:, None, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def _scan_rows(a, b, h, j, BL: tl.constexpr, UNROLL: tl.constexpr):
+    """h_r = a_r h_{r-1} + b_r down the rows of [BL, NP, BD] tiles from the carried state ``h``: (all h_r, the last).
+
+    ``UNROLL`` (tiles whose rows live in each thread's registers, see ``_unroll_rows``): a static loop over the
+    rows, one FMA an element. Otherwise ``tl.associative_scan``, which also crosses lanes; the carried state enters
+    as part of the first row's input (h_0 = a_0 h + b_0), so its running product of a is dead code."""
+    if UNROLL:
+        hs = b
+        for r in tl.static_range(BL):
+            h = _row(a, j, r, True) * h + _row(b, j, r, True)
+            hs = tl.where(j[:, None, None] == r, h[None, :, :], hs)
+    else:
+        _, hs = tl.associative_scan((a, tl.where(j[:, None, None] == 0, b + a * h[None, :, :], b)), 0, _combine)
+        h = _row(hs, j, BL - 1, False)
+    return hs, h
+
+
+@triton.jit
+def _scan_rows_reverse(a, c, carry, j, BL: tl.constexpr, UNROLL: tl.constexpr):
+    """dh_r = c_r + a_{r+1} dh_{r+1} up the rows, entering the last row as c + ``carry`` (a·dh of the row after the
+    tile): (all dh_r, a_0 dh_0 for the tile before). ``UNROLL`` as in ``_scan_rows``: there
+    ``tl.associative_scan(reverse=True)`` flipped every tile across the warp's lanes and back (shuffles by lane ^ 31),
+    though the rows never leave a thread, and needed a copy of a shifted by one row."""
+    if UNROLL:
+        dh = c
+        for i in tl.static_range(BL):
+            cur = _row(c, j, BL - 1 - i, True) + carry
+            dh = tl.where(j[:, None, None] == BL - 1 - i, cur[None, :, :], dh)
+            carry = _row(a, j, BL - 1 - i, True) * cur
+    else:
+        # a_{r+1} for each row r (the last row's is folded into c), by selects within each thread
+        a1 = tl.zeros(a.shape, dtype=tl.float32)
+        for r in tl.static_range(BL - 1):
+            a1 = tl.where(j[:, None, None] == r, _row(a, j, r + 1, False)[None, :, :], a1)
+        _, dh = tl.associative_scan((a1, tl.where(j[:, None, None] == BL - 1, c + carry[None, :, :], c)), 0,
+                                    _combine, reverse=True)
+        carry = _row(a, j, 0, False) * _row(dh, j, 0, False)
+    return dh, carry
+
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -99,8 +150,9 @@ def _softplus(x, FAST: tl.constexpr):
 @triton.jit
 def _softplus_libm(x):
     # the same function through tl.exp / tl.log and Goldberg's log1p correction: about 3x the instructions, yet the
-    # backward kernel measured faster with it (N=1 bf16 fwd+bwd 4.0 vs 4.5 ms on an H100, N=16 even; BENCHMARKS.md).
-    # The two forms agree to about 2.5e-7 relative, far inside the kernels' tolerances
+    # N=16 backward measured faster with it (H200, seventeenth session: stage-1 backward kernel 4.29 vs 4.13 ms
+    # fp32), though the N=1 backward is faster without (1.36 vs 2.05 ms; see ``_poly_softplus``). The two forms
+    # agree to about 2.5e-7 relative, far inside the kernels' tolerances
     t = tl.exp(-tl.abs(x))
     w = 1.0 + t
     lg = tl.where(w == 1.0, t, tl.log(w) * t / (w - 1.0))
@@ -234,7 +286,7 @@ def _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bia
 
 @triton.jit
 def _delta(pre, mask, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, POLY: tl.constexpr):
-    # POLY: the polynomial softplus (forward kernel) or the libm one (backward kernel), see _softplus_libm
+    # POLY: the polynomial softplus (forward kernel, N=1 backward) or the libm one (N=16 backward), see _softplus_libm
     if SOFTPLUS:
         dl = _softplus(pre, FAST) if POLY else _softplus_libm(pre)
     else:
@@ -393,7 +445,8 @@ def _scan_fwd_kernel(
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         bx = (dl * u)[:, None, :] * Bt[:, :, None]
         # the carried state enters as part of the first row's input (h_0 = a_0 h + b_0), so the scan's running
-        # product of a is dead code and the in-thread scan is one FMA per element
+        # product of a is dead code and the in-thread scan is one FMA per element (unrolled, as in the backward, it
+        # saved 8 instructions of ~1570 and measured no faster)
         bx = tl.where((j == 0)[:, None, None], bx + a * h[None, :, :], bx)
         _, hs = tl.associative_scan((a, bx), 0, _combine)
         # state after the chunk = its last row (padded steps kept it unchanged)
@@ -440,6 +493,7 @@ def _scan_bwd_kernel(
     GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
+    UNROLL: tl.constexpr, POLY: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -470,16 +524,15 @@ def _scan_bwd_kernel(
         Dv = tl.zeros([BD], dtype=tl.float32)
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
-    # dh_next: dh at the first position of the chunk after this one; a_next: a there. Past the segment's end the
-    # product a·dh is carried whole in dh_next (a_next = 1): G = Σ over later segments of their decayed q.
-    dh_next = tl.zeros([NP, BD], dtype=tl.float32)
+    # carry: a·dh at the first position of the chunk after this one. Past the segment's end it is
+    # G = Σ over later segments of their decayed q.
+    carry = tl.zeros([NP, BD], dtype=tl.float32)
     if SEG_CARRY:
         for si in range(0, NSEG - 1 - seg):
             t = NSEG - 1 - si
             qv = tl.load(q_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
             sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
-            dh_next = qv + _exp2(A2 * sd[None, :], FAST_EXP) * dh_next
-    a_next = tl.full([NP, BD], 1.0, dtype=tl.float32)
+            carry = qv + _exp2(A2 * sd[None, :], FAST_EXP) * carry
     dA_acc = tl.zeros([NP, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
@@ -498,7 +551,7 @@ def _scan_bwd_kernel(
         m2 = lmask[:, None] & dmask[None, :]
         pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                            POS_LAST)
-        dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, False)
+        dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, POLY)
         Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         g = _load_tile(g_base, pos, lmask, d, dmask, s_gl, s_gd, POS_LAST)
@@ -511,8 +564,7 @@ def _scan_bwd_kernel(
             dlu = dl * u
             bx = dlu[:, None, :] * Bt[:, :, None]
             h0 = tl.load(st_base + c * NP, mask=dmask[None, :], other=0.0)
-            _, hs = tl.associative_scan((a, tl.where((j == 0)[:, None, None], bx + a * h0[None, :, :], bx)), 0,
-                                        _combine)
+            hs, _ = _scan_rows(a, bx, h0, j, BL, UNROLL)
         if HAS_Z:
             zt = _load_tile(z_base, pos, lmask, d, dmask, s_zl, s_zd, POS_LAST)
             sig = _sigmoid(zt, FAST_EXP)
@@ -528,19 +580,9 @@ def _scan_bwd_kernel(
                                 FAST_EXP, POS_LAST)
             hsb = hs - bx
 
-        # dh past the chunk enters through the last row (dh_last = C g + a_{l+1} dh_next), as the carried state
-        # does in the forward; the scan's running product is then dead code
-        cg = Ct[:, :, None] * g[:, None, :]
-        cg = tl.where((j == BL - 1)[:, None, None], cg + a_next[None, :, :] * dh_next[None, :, :], cg)
-        # a_{l+1} for the other rows: a shifted by one row, in-thread selects (the scanned axis lives in each
-        # thread's registers); the last row's is folded above. a_next: this chunk's first row, for the next one
-        a1 = tl.zeros([BL, NP, BD], dtype=tl.float32)
-        for i in tl.static_range(BL - 1):
-            arow = tl.sum(tl.where((j == i + 1)[:, None, None], a, 0.0), axis=0)
-            a1 = tl.where((j == i)[:, None, None], arow[None, :, :], a1)
-        a_next = tl.sum(tl.where((j == 0)[:, None, None], a, 0.0), axis=0)
-        _, dh = tl.associative_scan((a1, cg), 0, _combine, reverse=True)
-        dh_next = tl.sum(tl.where((j == 0)[:, None, None], dh, 0.0), axis=0)
+        # dh past the chunk enters through the last row (dh_last = C g + carry), as the carried state does in the
+        # forward
+        dh, carry = _scan_rows_reverse(a, Ct[:, :, None] * g[:, None, :], carry, j, BL, UNROLL)
 
         if not DH_ONLY:
             # dB = sum_d Δ u dh, as dC above
@@ -555,14 +597,15 @@ def _scan_bwd_kernel(
             ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
             dA_acc += tl.sum(t * dl[:, None, :], axis=0)
             if SOFTPLUS:
-                ddl = ddl / (1.0 + tl.exp(-pre))   # libm form, as for Δ above
+                # d softplus = sigmoid, in the same form as Δ above
+                ddl = ddl * _sigmoid(pre, FAST_EXP) if POLY else ddl / (1.0 + tl.exp(-pre))
             ddl = tl.where(m2, ddl, 0.0)
             dbias_acc += tl.sum(ddl, axis=0)
             dD_acc += tl.sum(g * u, axis=0)
             _store_tile(ddt_base, ddl, pos, lmask, d, dmask, s_ddl, s_ddd, False, POS_LAST)
 
     if DH_ONLY:
-        tl.store(q_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], a_next * dh_next, mask=dmask[None, :])
+        tl.store(q_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], carry, mask=dmask[None, :])
         tl.store(sdl_ptr + (row + seg) * DK + d, sdl, mask=dmask)
     else:
         prow = (b * NSEG + seg) * K * DK + ch
@@ -714,6 +757,22 @@ def _scatter(plan: LaunchPlan) -> bool:
     return (plan.bd, plan.np, plan.warps) == (8, 16, 1) and plan.bl >= plan.bd
 
 
+def _unroll_rows(plan: LaunchPlan) -> bool:
+    """Whether the backward's scans run as static loops over the rows (``_scan_rows``): when a tile's rows sit in
+    each thread's registers, i.e. its states and channels fill a warp's lanes (all N > 1 tiles; not the N=1 tile,
+    BL=64 rows across lanes, where the loop measured 1.4x slower). Measured on H200 (BENCHMARKS.md, seventeenth
+    session): stage-1 backward kernel -6% bf16, -7% fp32."""
+    return plan.np * plan.bd >= 32 * plan.warps
+
+
+def _poly_softplus(plan: LaunchPlan) -> bool:
+    """Whether the backward takes softplus and its derivative in the forward kernel's cheap forms (polynomial
+    log1p, one-instruction exp and reciprocal) rather than through libm: for the N <= 2 tile (BL=64) only.
+    Measured on H200 (seventeenth session, stage-1 backward kernel): N=1 fp32 2.05 -> 1.36 ms, bf16 1.46 -> 1.38
+    ms; N=16 (fewer instructions, more spilled) 4.13 -> 4.29 ms fp32, bf16 even."""
+    return plan.np <= 2
+
+
 def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
@@ -781,7 +840,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
             scan_forward(prefix, dims, plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
-                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), SCATTER=_scatter(plan), **flags)
+                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), SCATTER=_scatter(plan),
+                  UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan), **flags)
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)

@@ -397,6 +397,30 @@ def test_reduce_scatter_only_on_the_verified_gpu_tile(monkeypatch):
     assert core._scatter(core.launch_plan(16, 4096, 192, backward=True, rows=128))
 
 
+# the backward's two forms of its row scans (unrolled over in-register rows, or tl.associative_scan) and of softplus
+# (libm, or the forward's polynomial), each forced on for a tile that would not take it, L in two segments (so the
+# dh carry between chunks and segments goes through both)
+@cpu_only
+@pytest.mark.parametrize("unroll,poly", [(True, True), (False, False)])
+def test_backward_scan_and_softplus_forms(unroll, poly, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "_unroll_rows", lambda plan: unroll)
+    monkeypatch.setattr(core, "_poly_softplus", lambda plan: poly)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (8, 4, 1), "bwd": (4, 4, 1), "segments": 2})
+    compare_ss2d(ss2d_inputs(1, 6, 3, 5, 2, 16, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
+
+
+# which form each GPU tile takes: unrolled scans where the rows sit in registers (N > 1 tiles fill a warp's lanes with
+# states and channels), the polynomial softplus only for the N <= 2 tile (BL=64, rows across lanes)
+def test_backward_forms_by_tile(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    for n, unroll, poly in ((16, True, False), (4, True, False), (64, True, False), (2, False, True), (1, False, True)):
+        plan = core.launch_plan(n, 4096, 192, backward=True, rows=128)
+        assert (core._unroll_rows(plan), core._poly_softplus(plan)) == (unroll, poly), n
+
+
 @routes.register_route("test_random_pair")
 def _random_pair(h, w):
     # any permutation route works through the index map: two arbitrary orders, no kernel change
