@@ -168,7 +168,22 @@ def _sigmoid(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _positions(idx_base, l, lmask, GATHER: tl.constexpr):
+def _route_line(idx_base, AFFINE: tl.constexpr):
+    """(first position, step) of a route map that is an arithmetic progression (``AFFINE``), read once a program."""
+    if AFFINE:
+        p0 = tl.load(idx_base)
+        return p0, tl.load(idx_base + 1) - p0
+    return 0, 0
+
+
+@triton.jit
+def _positions(idx_base, l, lmask, GATHER: tl.constexpr, AFFINE: tl.constexpr, p0, dp):
+    # AFFINE (the cross route's maps, in their read layouts: l, or L-1-l): computed, no map load each chunk, which
+    # cost a tenth of the N=16 backward's loop (the positions are needed in three layouts, each loaded on its own;
+    # H200, stage 1 bf16: backward kernel -6%, forward -2 to +2%). Not in the N <= 2 backward, where it measured 6%
+    # slower (``scan_backward``). Lanes past L get positions out of range, as every use is masked
+    if AFFINE:
+        return p0 + dp * l
     if GATHER:
         return tl.load(idx_base + l, mask=lmask, other=0)
     return l
@@ -369,13 +384,14 @@ def _scan_fwd_kernel(
     hend_ptr, sdl_ptr,                       # segment end states (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
     K, DK, L, N, R, NCHUNK, NSEG, CPS, SEG0,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
-    GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
+    GATHER: tl.constexpr, AFFINE: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
     FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
+    p0, dp = _route_line(idx_base, AFFINE)
     u_base = _slot_base(u_ptr, u1_ptr, ku, s_uk, KMAP) + b * s_ub
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
@@ -410,8 +426,8 @@ def _scan_fwd_kernel(
         # materialised Δ) one chunk ahead, so no load waits on the map and their latency overlaps a chunk's scan
         lim = tl.minimum(c1 * BL, L)   # end of this program's positions
         l0 = c0 * BL + j
-        p_cur = _positions(idx_base, l0, l0 < lim, GATHER)
-        p_nxt = _positions(idx_base, l0 + BL, l0 + BL < lim, GATHER)
+        p_cur = _positions(idx_base, l0, l0 < lim, GATHER, AFFINE, p0, dp)
+        p_nxt = _positions(idx_base, l0 + BL, l0 + BL < lim, GATHER, AFFINE, p0, dp)
         u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_cur, l0 < lim, d, dmask,
                                               n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
                                               LOWRANK, WRITE_OUT, POS_LAST)
@@ -426,10 +442,10 @@ def _scan_fwd_kernel(
                                                   n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
                                                   LOWRANK, WRITE_OUT, POS_LAST)
             p_cur = p_nxt
-            p_nxt = _positions(idx_base, l + 2 * BL, l + 2 * BL < lim, GATHER)
+            p_nxt = _positions(idx_base, l + 2 * BL, l + 2 * BL < lim, GATHER, AFFINE, p0, dp)
         else:
             # each tile read where first used (fewer live registers)
-            pos = _positions(idx_base, l, lmask, GATHER)
+            pos = _positions(idx_base, l, lmask, GATHER, AFFINE, p0, dp)
             u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
         m2 = lmask[:, None] & dmask[None, :]
         if PREFETCH and not LOWRANK:
@@ -490,13 +506,14 @@ def _scan_bwd_kernel(
     q_ptr, sdl_ptr,                          # segment dh carries (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
     K, DK, L, N, NCHUNK, NSEG, CPS, SEG0,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, R: tl.constexpr,
-    GATHER: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
+    GATHER: tl.constexpr, AFFINE: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
     UNROLL: tl.constexpr, POLY: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
+    p0, dp = _route_line(idx_base, AFFINE)
     u_base = _slot_base(u_ptr, u1_ptr, ku, s_uk, KMAP) + b * s_ub
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
@@ -539,7 +556,7 @@ def _scan_bwd_kernel(
     sdl = tl.zeros([BD], dtype=tl.float32)
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
-    pos_next = _positions(idx_base, (c1 - 1) * BL + j, (c1 - 1) * BL + j < L, GATHER)
+    pos_next = _positions(idx_base, (c1 - 1) * BL + j, (c1 - 1) * BL + j < L, GATHER, AFFINE, p0, dp)
     for ci in range(0, c1 - c0):
         c = c1 - 1 - ci
         l = c * BL + j
@@ -547,7 +564,7 @@ def _scan_bwd_kernel(
         # the route map is read one chunk ahead, so the gathered loads below wait one memory latency, not two
         # (measured faster in the backward; in the forward it was slower)
         pos = pos_next
-        pos_next = _positions(idx_base, l - BL, (l >= BL) & (l - BL < L), GATHER)
+        pos_next = _positions(idx_base, l - BL, (l >= BL) & (l - BL < L), GATHER, AFFINE, p0, dp)
         m2 = lmask[:, None] & dmask[None, :]
         pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                            POS_LAST)
@@ -841,7 +858,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), SCATTER=_scatter(plan),
-                  UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan), **flags)
+                  UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan),
+                  **dict(flags, AFFINE=flags["AFFINE"] and _unroll_rows(plan)))
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)

@@ -26,9 +26,10 @@ from .triton_transpose import transpose_last2
 
 
 @functools.lru_cache(maxsize=256)
-def _route_plan_host(route: str, h: int, w: int, pin: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _route_plan_host(route: str, h: int, w: int, pin: bool) -> tuple[torch.Tensor, tuple[int, ...], bool]:
     """Gather maps in the layout each direction reads best, and which directions are transposed, packed in one
-    host int32 tensor: K*L map entries, then the K slot flags (pinned when it will be copied to a GPU).
+    host int32 tensor: K*L map entries, then the K slot flags (pinned when it will be copied to a GPU); and whether
+    every map is an arithmetic progression (the kernels then compute positions instead of loading them).
 
     A direction whose steps are contiguous in the transposed image (column-major routes) reads a transposed copy
     of x (one extra copy for all such directions, not one per direction) and its own dt_low/B/C slice transposed,
@@ -43,20 +44,22 @@ def _route_plan_host(route: str, h: int, w: int, pin: bool) -> tuple[torch.Tenso
     eff = torch.where(lay[:, None], tmap, idx)
     # int32 keeps a map at 4 bytes a position; H*W < 2**31 always here
     packed = torch.cat([eff.flatten(), lay]).to(torch.int32)
-    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay)
+    steps = eff[:, 1:] - eff[:, :-1]
+    affine = eff.shape[1] > 1 and bool((steps == steps[:, :1]).all())
+    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay), affine
 
 
-def _route_plan(route: str, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """(gather maps (K, L), slot map (K,), transposed flags) on ``device``. The maps are cached on the host and
+def _route_plan(route: str, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, tuple, bool]:
+    """(gather maps (K, L), slot map (K,), transposed flags, maps affine) on ``device``. The maps are cached on the host and
     copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built while CUDA graphs
     are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs' private
     memory pool, which must hold only the graph's own tensors."""
     device = torch.device(device)
-    packed, lay = _route_plan_host(route, h, w, device.type == "cuda")
+    packed, lay, affine = _route_plan_host(route, h, w, device.type == "cuda")
     if packed.device != device:
         packed = packed.to(device, non_blocking=True)
     k, length = len(lay), h * w
-    return packed[:k * length].view(k, length), packed[k * length:], lay
+    return packed[:k * length].view(k, length), packed[k * length:], lay, affine
 
 
 # The layout copies below (transposes, the merge of the two accumulators) run as the tiled Triton kernel of
@@ -127,15 +130,16 @@ def _prep(x, dt_low, B, C, dt_weight, maps):
 
 
 def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device) -> tuple:
-    """(idx, batch stride, direction stride, kmap, lay) for a named route or an index map (K, L) / (b, K, L)."""
+    """(idx, batch stride, direction stride, kmap, lay, affine) for a named route or an index map (K, L) /
+    (b, K, L)."""
     if order is None:
-        idx, kmap, lay = _route_plan(route, h, w, device)
-        return idx, 0, idx.stride(0), kmap, lay
+        idx, kmap, lay, affine = _route_plan(route, h, w, device)
+        return idx, 0, idx.stride(0), kmap, lay, affine
     # per-sample maps (data-dependent routes): read as given, no transposed layout
     idx = order.to(device=device, dtype=torch.int32).contiguous()
     k = idx.shape[-2]
     return (idx, idx.stride(0) if idx.dim() == 3 else 0, idx.stride(-2),
-            torch.zeros(k, device=device, dtype=torch.int32), (0,) * k)
+            torch.zeros(k, device=device, dtype=torch.int32), (0,) * k, False)
 
 
 def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple[tuple, dict]:
@@ -150,7 +154,7 @@ def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple[tuple, dict]
             dt_bias, A, Ds,
             Bs, *Bs.stride(), Cs, *Cs.stride(),
             x0, 0, 0, 0, 0,
-            idx, s_ib, s_ik, kmap), flags
+            idx, s_ib, s_ik, kmap), dict(flags, AFFINE=maps[5])
 
 
 _FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False)

@@ -476,12 +476,25 @@ def test_custom_ops_trace_under_compile():
     assert s_args[0].grad is not None
 
 
+# the kernels compute positions instead of loading the map when every direction's map (in its read layout) is an
+# arithmetic progression: the cross and bidirectional routes; zigzag and one-position images load it
+def test_route_maps_affine_where_arithmetic():
+    from vm_unet.kernels.triton_ss2d import _route_plan_host
+    for route, h, w, affine in (("cross", 6, 5, True), ("cross", 1, 7, True), ("bidirectional", 6, 5, True),
+                                ("zigzag", 6, 5, False), ("cross", 1, 1, False)):
+        packed, lay, got = _route_plan_host(route, h, w, False)
+        assert got == affine, (route, h, w)
+        maps = packed[:len(lay) * h * w].view(len(lay), h * w).long()
+        if affine:   # what the kernels then compute: first position + step * l
+            assert torch.equal(maps, maps[:, :1] + (maps[:, 1:2] - maps[:, :1]) * torch.arange(h * w))
+
+
 @cpu_only
 def test_opcheck_fake_and_autograd_registration():
     from torch.library import opcheck
     args = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32)
     from vm_unet.kernels.triton_ss2d import _route_plan
-    _, _, lay = _route_plan("cross", 2, 3, "cpu")
+    _, _, lay, _ = _route_plan("cross", 2, 3, "cpu")
     assert lay == (0, 1, 0, 1)  # column routes read the transposed copy
     opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross", None, True),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
