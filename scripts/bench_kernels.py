@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py [--sweep] [--check] [--out results.json]
     python scripts/bench_kernels.py --against OTHER/kernels --shapes s1-256,s2-256 --no-table   # A/B
+    python scripts/bench_kernels.py --against OTHER/kernels --gpu-time --against-states 16 --shapes s1-256 --no-table
     python scripts/bench_kernels.py --sweep --sweep-shapes s2-256 --sweep-states 16 --sweep-tiles 'fwd=8,16,1' --no-table
 
 Per shape/dtype/N: fused SS2D core (ours) fwd and fwd+bwd; the unfused path (torch cross-scan + our Triton
@@ -301,28 +302,66 @@ def load_kernels_copy(path: str):
     return importlib.import_module("vm_unet_kernels_against.triton_ss2d")
 
 
-def against(other, shape_names, states=(16, 1), reps=3):
+def gpu_times(fn, reps=10) -> dict:
+    """Device time per kernel name of one call of ``fn`` (torch.profiler, mean of ``reps`` after 3 warm-ups), ms:
+    the GPU's own time, free of the host overheads that eager timings of the small stages carry."""
+    cuda = torch.cuda.is_available()   # without it (the CPU test of the bookkeeping) no device time is recorded
+    act = torch.profiler.ProfilerActivity
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[act.CUDA if cuda else act.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times: dict = {}
+    for e in prof.key_averages():
+        times[e.key] = times.get(e.key, 0.0) + e.self_device_time_total / reps / 1e3
+    return times
+
+
+def against(other, shape_names, states=(16, 1), reps=3, gpu_time=False):
     """Fused SS2D fwd and fwd+bwd of this checkout against another's, alternating the two ``reps`` times per case
-    in one process (so clock drift hits both alike); medians."""
+    in one process (so clock drift hits both alike); medians. ``gpu_time``: device time from the profiler instead
+    of wall time, with the backward and forward scan kernels' shares of the fwd+bwd."""
     rows = []
     for name, b, d, hw, r in named_shapes(shape_names):
         for n in states:
             for dtype in (torch.float32, torch.bfloat16):
                 args = make_inputs(b, d, hw, r, n, dtype)
                 gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-                t = {"other": ([], []), "this": ([], [])}
+                g = torch.randn_like(ss2d_core_triton(*args))
+                t = {"other": ([], [], [], []), "this": ([], [], [], [])}
                 for _ in range(reps):
                     for tag, fn in (("other", other.ss2d_core_triton), ("this", ss2d_core_triton)):
-                        t[tag][0].append(do_bench(lambda: fn(*args), warmup=25, rep=150, return_mode="median"))
-                        t[tag][1].append(time_fwd_bwd(fn, gargs))
-                row = {"shape": name, "N": n, "dtype": str(dtype).split(".")[-1]}
-                for tag, (f, fb) in t.items():
+                        if gpu_time:
+                            def step(fn=fn):
+                                for x in gargs:
+                                    x.grad = None
+                                fn(*gargs).backward(g)
+                            k = gpu_times(step)
+                            t[tag][0].append(sum(gpu_times(lambda fn=fn: fn(*args)).values()))
+                            t[tag][1].append(sum(k.values()))
+                            t[tag][2].append(k.get("_scan_bwd_kernel", 0.0))
+                            t[tag][3].append(k.get("_scan_fwd_kernel", 0.0))
+                        else:
+                            t[tag][0].append(do_bench(lambda: fn(*args), warmup=25, rep=150, return_mode="median"))
+                            t[tag][1].append(time_fwd_bwd(fn, gargs))
+                row = {"shape": name, "N": n, "dtype": str(dtype).split(".")[-1], "gpu_time": gpu_time}
+                for tag, (f, fb, kb, kf) in t.items():
                     row[f"{tag}_fwd_ms"], row[f"{tag}_fwdbwd_ms"] = statistics.median(f), statistics.median(fb)
                     row[f"{tag}_fwdbwd_range"] = (min(fb), max(fb))
+                    if gpu_time:
+                        row[f"{tag}_bwd_kernel_ms"], row[f"{tag}_fwd_kernels_ms"] = statistics.median(kb), \
+                            statistics.median(kf)
                 rows.append(row)
+                kernels = (f" (backward kernel {row['other_bwd_kernel_ms']:.3f} -> {row['this_bwd_kernel_ms']:.3f})"
+                           if gpu_time else "")
                 print(f"against {name} N={n:2d} {row['dtype']:8s} fwd {row['other_fwd_ms']:.3f} -> "
                       f"{row['this_fwd_ms']:.3f} ms  fwd+bwd {row['other_fwdbwd_ms']:.3f} -> {row['this_fwdbwd_ms']:.3f}"
-                      f" ms (this: {min(t['this'][1]):.3f}-{max(t['this'][1]):.3f})", flush=True)
+                      f" ms (this: {min(t['this'][1]):.3f}-{max(t['this'][1]):.3f}){kernels}", flush=True)
                 del args, gargs
                 torch.cuda.empty_cache()
     return rows
@@ -346,6 +385,8 @@ def main():
     p.add_argument("--against-states", default="16,1", help="comma list of d_state N for --against")
     p.add_argument("--against", default=None, metavar="DIR",
                    help="another checkout's kernels/ folder: interleaved A/B of fused SS2D at --shapes")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="--against: device time from the profiler (with the scan kernels' shares), not wall time")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -373,7 +414,7 @@ def main():
         result["profile"] = profile_ops(a.profile, a.state)
     if a.against:
         result["against"] = against(load_kernels_copy(a.against), shape_names,
-                                     tuple(int(v) for v in a.against_states.split(",")))
+                                     tuple(int(v) for v in a.against_states.split(",")), gpu_time=a.gpu_time)
     if a.segments:
         result["segments"] = segments(a.segments.split(","), a.counts.split(","))
         save(result, a.out)          # kept if the table below fails

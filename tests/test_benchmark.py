@@ -63,6 +63,23 @@ def test_bench_kernels_loads_another_checkouts_kernels(tmp_path):
     assert hasattr(torch.ops.vm_unet_against, "ss2d_fwd") and hasattr(torch.ops.vm_unet, "ss2d_fwd")
 
 
+def test_bench_kernels_against_gpu_time_rows(monkeypatch):
+    """``--against DIR --gpu-time``: the A/B's bookkeeping (both versions alternated, medians, the scan kernels'
+    shares) on stand-in ops; on a machine without CUDA the profiler records no device time, so every time is 0."""
+    pytest.importorskip("triton")
+    script = _load_script("bench_kernels")
+    monkeypatch.setattr(script, "make_inputs", lambda *a, requires_grad=False: [
+        torch.randn(2, 3, requires_grad=requires_grad)])
+    monkeypatch.setattr(script, "ss2d_core_triton", lambda x: x * 2.0)
+    other = type("Other", (), {"ss2d_core_triton": staticmethod(lambda x: x * 3.0)})
+    rows = script.against(other, ["s4-256"], states=(16,), reps=2, gpu_time=True)
+    assert [(r["shape"], r["N"], r["dtype"]) for r in rows] == [("s4-256", 16, "float32"), ("s4-256", 16, "bfloat16")]
+    for r in rows:
+        for tag in ("other", "this"):
+            for key in ("fwd_ms", "fwdbwd_ms", "bwd_kernel_ms", "fwd_kernels_ms"):
+                assert r[f"{tag}_{key}"] >= 0.0
+
+
 def test_bench_kernels_sweep_tiles_parse():
     """``--sweep-tiles`` adds tiles per kernel; a malformed spec is a one-line exit, not a traceback."""
     pytest.importorskip("triton")
