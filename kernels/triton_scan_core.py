@@ -4,9 +4,10 @@ One forward and one backward kernel serve both ops; constexpr flags pick the var
 
 * plain selective scan: u (b, Dm, L), Δ read directly, B/C (b, G, N, L), out stored (each element written once).
 * fused SS2D: x (b, D, H*W) read through the route's gather map ``idx[(b,) k, l]`` (no direction copies; one map
-  for the batch or one per sample), Δ built on the fly as ``dt_weight[k] @ dt_low[b, k, :, idx[k, l]]``, and y_k
-  scattered back through the same map with fp32 atomics into one merged (b, D, H*W) buffer. Scattering through the
-  gather map *is* the inverse map, so any permutation route works with no route-specific code.
+  for the batch or one per sample; computed as first + step·l when every map is affine, as the cross route's
+  are), Δ built on the fly as ``dt_weight[k] @ dt_low[b, k, :, idx[k, l]]``, and y_k scattered back through the
+  same map with fp32 atomics into one merged (b, D, H*W) buffer. Scattering through the gather map *is* the inverse
+  map, so any permutation route works with no route-specific code.
 
 A program owns (batch b, "slot" k, a block of BD channels, a segment of L) and walks its segment in chunks of BL
 positions. The recurrence ``h_l = a_l h_{l-1} + b_l`` inside a chunk is an associative scan over (a, b) pairs on a
