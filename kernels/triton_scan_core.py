@@ -860,6 +860,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), SCATTER=_scatter(plan),
                   UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan),
+                  # computed positions measured slower in the N <= 2 backward (see _positions)
                   **dict(flags, AFFINE=flags["AFFINE"] and _unroll_rows(plan)))
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)

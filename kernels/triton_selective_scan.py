@@ -42,8 +42,8 @@ def _setup(u, A, B4, D, z, delta_bias, softplus, backward):
     groups, n_state = B4.shape[1], A.shape[1]
     dims = core.ScanDims(batch, groups, dim // groups, length, n_state, 0)
     plan = core.launch_plan(n_state, length, dims.channels, backward=backward, rows=batch * groups)
-    flags = dict(GATHER=False, AFFINE=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 HAS_D=D is not None, HAS_Z=z is not None)
+    flags = dict(GATHER=False, AFFINE=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None)
     return dims, plan, flags
 
 

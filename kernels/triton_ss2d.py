@@ -50,9 +50,9 @@ def _route_plan_host(route: str, h: int, w: int, pin: bool) -> tuple[torch.Tenso
 
 
 def _route_plan(route: str, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, tuple, bool]:
-    """(gather maps (K, L), slot map (K,), transposed flags, maps affine) on ``device``. The maps are cached on the host and
-    copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built while CUDA graphs
-    are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs' private
+    """(gather maps (K, L), slot map (K,), transposed flags, maps affine) on ``device``. The maps are cached on the
+    host and copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built while CUDA
+    graphs are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs' private
     memory pool, which must hold only the graph's own tensors."""
     device = torch.device(device)
     packed, lay, affine = _route_plan_host(route, h, w, device.type == "cuda")

@@ -332,7 +332,7 @@ def against(other, shape_names, states=(16, 1), reps=3, gpu_time=False):
             for dtype in (torch.float32, torch.bfloat16):
                 args = make_inputs(b, d, hw, r, n, dtype)
                 gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-                g = torch.randn_like(ss2d_core_triton(*args))
+                g = torch.randn_like(ss2d_core_triton(*args)) if gpu_time else None
                 t = {"other": ([], [], [], []), "this": ([], [], [], [])}
                 for _ in range(reps):
                     for tag, fn in (("other", other.ss2d_core_triton), ("this", ss2d_core_triton)):
