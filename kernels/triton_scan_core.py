@@ -4,8 +4,8 @@ One forward and one backward kernel serve both ops; constexpr flags pick the var
 
 * plain selective scan: u (b, Dm, L), Δ read directly, B/C (b, G, N, L), out stored (each element written once).
 * fused SS2D: x (b, D, H*W) read through the route's gather map ``idx[(b,) k, l]`` (no direction copies; one map
-  for the batch or one per sample; computed as first + step·l when every map is affine, as the cross route's
-  are), Δ built on the fly as ``dt_weight[k] @ dt_low[b, k, :, idx[k, l]]``, and y_k scattered back through the
+  for the batch or one per sample; computed as first + step·l where the maps are arithmetic progressions, whole or
+  chunk by chunk, see ``_positions``), Δ built on the fly as ``dt_weight[k] @ dt_low[b, k, :, idx[k, l]]``, and y_k scattered back through the
   same map with fp32 atomics into one merged (b, D, H*W) buffer. Scattering through the gather map *is* the inverse
   map, so any permutation route works with no route-specific code.
 
@@ -178,13 +178,23 @@ def _route_line(idx_base, AFFINE: tl.constexpr):
 
 
 @triton.jit
-def _positions(idx_base, l, lmask, GATHER: tl.constexpr, AFFINE: tl.constexpr, p0, dp):
-    # AFFINE (the cross route's maps, in their read layouts: l, or L-1-l): computed, no map load each chunk, which
-    # cost a tenth of the N=16 backward's loop (the positions are needed in three layouts, each loaded on its own;
-    # H200, stage 1 bf16: backward kernel -6%, forward -2 to +2%). Not in the N <= 2 backward, where it measured 6%
-    # slower (``scan_backward``). Lanes past L get positions out of range, as every use is masked
+def _positions(idx_base, line_base, c, l, lmask, NCHUNK, BL: tl.constexpr, GATHER: tl.constexpr,
+               AFFINE: tl.constexpr, LINES: tl.constexpr, p0, dp):
+    """Positions of chunk ``c`` (``l`` = c * BL + row), computed where the route map allows instead of loaded: the
+    map's BL positions a thread, loaded in each of the three layouts the backward needs them in, cost a tenth of
+    the N=16 backward's loop (H200, stage 1 bf16: backward kernel -6%). ``AFFINE``: the whole map is an arithmetic
+    progression (the cross route's maps read channel first, see ``triton_ss2d``): p0 + dp * l. ``LINES``: it is one
+    inside every chunk (also the column directions read channels last, zigzag rows), given per chunk as (first,
+    step) in the table at ``line_base``: two uniform loads a chunk (1-2% slower than ``AFFINE`` where both apply).
+    Neither in the N <= 2 backward, where computed positions measured 6% slower (``scan_backward``). Chunks outside
+    the table (read ahead past either end) and lanes past L get positions that every use masks."""
     if AFFINE:
         return p0 + dp * l
+    if LINES:
+        ok = (c >= 0) & (c < NCHUNK)
+        first = tl.load(line_base + 2 * c, mask=ok, other=0)
+        step = tl.load(line_base + 2 * c + 1, mask=ok, other=0)
+        return first + step * (l - c * BL)
     if GATHER:
         return tl.load(idx_base + l, mask=lmask, other=0)
     return l
@@ -325,8 +335,8 @@ def _slot_base(p0, p1, slot, s_slot, KMAP: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD: tl.constexpr, NP: tl.constexpr,
-                  BL: tl.constexpr, KMAP: tl.constexpr):
+def _program_tile(kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD: tl.constexpr,
+                  NP: tl.constexpr, BL: tl.constexpr, KMAP: tl.constexpr):
     """What a program owns (both kernels): grid axis 0 = channel block + segment, 1 = slot k, 2 = batch b."""
     nblk = tl.cdiv(DK, BD)
     seg = tl.program_id(0) // nblk + SEG0
@@ -337,7 +347,7 @@ def _program_tile(kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD: tl.co
     # KMAP: slot of the channel-major tensors (u, out, g, du) is kmap[k], e.g. the transposed copy for column routes
     ku = tl.load(kmap_ptr + k) if KMAP else k
     return (seg, k, b, d, n, tl.arange(0, BL), d < DK, n < N, k * DK + d, ku, idx_ptr + b * s_ib + k * s_ik,
-            (b * K + k) * NSEG)
+            line_ptr + k * 2 * NCHUNK, (b * K + k) * NSEG)
 
 
 @triton.jit
@@ -379,19 +389,20 @@ def _scan_fwd_kernel(
     B_ptr, s_Bb, s_Bk, s_Bn, s_Bl,
     C_ptr, s_Cb, s_Ck, s_Cn, s_Cl,
     z_ptr, s_zb, s_zk, s_zd, s_zl,
-    idx_ptr, s_ib, s_ik, kmap_ptr,
+    idx_ptr, s_ib, s_ik, line_ptr, kmap_ptr,   # line_ptr: per-chunk (first, step) of affine maps (_positions)
     out_ptr, s_ob, s_ok, s_od, s_ol,
     state_ptr, last_ptr,
     hend_ptr, sdl_ptr,                       # segment end states (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
     K, DK, L, N, R, NCHUNK, NSEG, CPS, SEG0,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
-    GATHER: tl.constexpr, AFFINE: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, AFFINE: tl.constexpr, LINES: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
     FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
-        kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
+    seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
+        kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
     p0, dp = _route_line(idx_base, AFFINE)
     u_base = _slot_base(u_ptr, u1_ptr, ku, s_uk, KMAP) + b * s_ub
     dt_base = dt_ptr + b * s_tb + k * s_tk
@@ -427,8 +438,9 @@ def _scan_fwd_kernel(
         # materialised Δ) one chunk ahead, so no load waits on the map and their latency overlaps a chunk's scan
         lim = tl.minimum(c1 * BL, L)   # end of this program's positions
         l0 = c0 * BL + j
-        p_cur = _positions(idx_base, l0, l0 < lim, GATHER, AFFINE, p0, dp)
-        p_nxt = _positions(idx_base, l0 + BL, l0 + BL < lim, GATHER, AFFINE, p0, dp)
+        p_cur = _positions(idx_base, line_base, c0, l0, l0 < lim, NCHUNK, BL, GATHER, AFFINE, LINES, p0, dp)
+        p_nxt = _positions(idx_base, line_base, c0 + 1, l0 + BL, l0 + BL < lim, NCHUNK, BL, GATHER, AFFINE, LINES,
+                           p0, dp)
         u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_cur, l0 < lim, d, dmask,
                                               n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
                                               LOWRANK, WRITE_OUT, POS_LAST)
@@ -443,10 +455,11 @@ def _scan_fwd_kernel(
                                                   n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
                                                   LOWRANK, WRITE_OUT, POS_LAST)
             p_cur = p_nxt
-            p_nxt = _positions(idx_base, l + 2 * BL, l + 2 * BL < lim, GATHER, AFFINE, p0, dp)
+            p_nxt = _positions(idx_base, line_base, c + 2, l + 2 * BL, l + 2 * BL < lim, NCHUNK, BL, GATHER,
+                               AFFINE, LINES, p0, dp)
         else:
             # each tile read where first used (fewer live registers)
-            pos = _positions(idx_base, l, lmask, GATHER, AFFINE, p0, dp)
+            pos = _positions(idx_base, line_base, c, l, lmask, NCHUNK, BL, GATHER, AFFINE, LINES, p0, dp)
             u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
         m2 = lmask[:, None] & dmask[None, :]
         if PREFETCH and not LOWRANK:
@@ -491,7 +504,7 @@ def _scan_bwd_kernel(
     B_ptr, s_Bb, s_Bk, s_Bn, s_Bl,
     C_ptr, s_Cb, s_Ck, s_Cn, s_Cl,
     z_ptr, s_zb, s_zk, s_zd, s_zl,
-    idx_ptr, s_ib, s_ik, kmap_ptr,
+    idx_ptr, s_ib, s_ik, line_ptr, kmap_ptr,   # line_ptr: per-chunk (first, step) of affine maps (_positions)
     g_ptr, g1_ptr, s_gb, s_gk, s_gd, s_gl,
     state_ptr,
     du_ptr, s_dub, s_duk, s_dud, s_dul,      # du (store) or merged dx (atomic)
@@ -503,13 +516,14 @@ def _scan_bwd_kernel(
     q_ptr, sdl_ptr,                          # segment dh carries (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
     K, DK, L, N, NCHUNK, NSEG, CPS, SEG0,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr, R: tl.constexpr,
-    GATHER: tl.constexpr, AFFINE: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, AFFINE: tl.constexpr, LINES: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
     UNROLL: tl.constexpr, POLY: tl.constexpr,
 ):
-    seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, row = _program_tile(
-        kmap_ptr, idx_ptr, s_ib, s_ik, K, DK, N, NSEG, SEG0, BD, NP, BL, KMAP)
+    seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
+        kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
     p0, dp = _route_line(idx_base, AFFINE)
     u_base = _slot_base(u_ptr, u1_ptr, ku, s_uk, KMAP) + b * s_ub
     dt_base = dt_ptr + b * s_tb + k * s_tk
@@ -553,7 +567,8 @@ def _scan_bwd_kernel(
     sdl = tl.zeros([BD], dtype=tl.float32)
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
-    pos_next = _positions(idx_base, (c1 - 1) * BL + j, (c1 - 1) * BL + j < L, GATHER, AFFINE, p0, dp)
+    pos_next = _positions(idx_base, line_base, c1 - 1, (c1 - 1) * BL + j, (c1 - 1) * BL + j < L, NCHUNK, BL,
+                          GATHER, AFFINE, LINES, p0, dp)
     for ci in range(0, c1 - c0):
         c = c1 - 1 - ci
         l = c * BL + j
@@ -561,7 +576,8 @@ def _scan_bwd_kernel(
         # the route map is read one chunk ahead, so the gathered loads below wait one memory latency, not two
         # (measured faster in the backward; in the forward it was slower)
         pos = pos_next
-        pos_next = _positions(idx_base, l - BL, (l >= BL) & (l - BL < L), GATHER, AFFINE, p0, dp)
+        pos_next = _positions(idx_base, line_base, c - 1, l - BL, (l >= BL) & (l - BL < L), NCHUNK, BL, GATHER,
+                              AFFINE, LINES, p0, dp)
         m2 = lmask[:, None] & dmask[None, :]
         pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                            POS_LAST)
@@ -749,10 +765,17 @@ def _triton_version() -> tuple[int, int]:
 POS_LAST = _triton_version() >= (3, 7)
 
 
-def _pos_last(plan: LaunchPlan) -> bool:
+def _pos_last(plan: LaunchPlan, flags: dict) -> bool:
     # N=1 tiles (BL=64, BD=4) keep the direct build: under Triton 3.9 the transposed one measured 3-10% slower in
-    # fwd+bwd (stage 1 at 256² batch 32: 3.43 -> 3.71 ms fp32), channels on the lanes suiting their long chunks
-    return POS_LAST and plan.np > 1
+    # fwd+bwd (stage 1 at 256² batch 32: 3.43 -> 3.71 ms fp32), channels on the lanes suiting their long chunks.
+    # FEATURE_LAST operands (channels or states innermost in memory, positions strided) are contiguous along the
+    # tile's columns, so the direct build puts consecutive channels on consecutive lanes
+    return POS_LAST and plan.np > 1 and not flags.get("FEATURE_LAST", False)
+
+
+def _kernel_flags(flags: dict) -> dict:
+    """The op's flags as kernel constexprs: all but FEATURE_LAST, which only picks the tile build (``_pos_last``)."""
+    return {key: v for key, v in flags.items() if key != "FEATURE_LAST"}
 
 
 def _prefetch(plan: LaunchPlan) -> bool:
@@ -804,8 +827,8 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
         seg_bufs = seg_ends
     else:
         seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
-    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), PREFETCH=_prefetch(plan),
-                  **flags)
+    common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags),
+                  PREFETCH=_prefetch(plan), **_kernel_flags(flags))
     if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
@@ -858,10 +881,11 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
             scan_forward(prefix, dims, fplan if same_states_layout(fplan, plan) else plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
-                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan), SCATTER=_scatter(plan),
+                  FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags), SCATTER=_scatter(plan),
                   UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan),
                   # computed positions measured slower in the N <= 2 backward (see _positions)
-                  **dict(flags, AFFINE=flags["AFFINE"] and _unroll_rows(plan)))
+                  **dict(_kernel_flags(flags), AFFINE=flags["AFFINE"] and _unroll_rows(plan),
+                         LINES=flags["LINES"] and _unroll_rows(plan)))
     rows = dims.batch * plan.nseg
     f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)

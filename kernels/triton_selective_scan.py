@@ -30,7 +30,7 @@ def _input_args(u, delta, A, B4, C4, D, z, delta_bias, groups) -> tuple:
             delta_bias if delta_bias is not None else A, A, D if D is not None else A,
             B4, *B4.stride(), C4, *C4.stride(),
             z, *_strides4(z, groups),
-            A, 0, 0, A)
+            A, 0, 0, A, A)
 
 
 def _bc4(t: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _setup(u, A, B4, D, z, delta_bias, softplus, backward):
     groups, n_state = B4.shape[1], A.shape[1]
     dims = core.ScanDims(batch, groups, dim // groups, length, n_state, 0)
     plan = core.launch_plan(n_state, length, dims.channels, backward=backward, rows=batch * groups)
-    flags = dict(GATHER=False, AFFINE=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
+    flags = dict(GATHER=False, AFFINE=False, LINES=False, KMAP=False, LOWRANK=False, HAS_BIAS=delta_bias is not None,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None)
     return dims, plan, flags
 

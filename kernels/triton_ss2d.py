@@ -5,10 +5,17 @@ block of channels) one program reads x (b, D, H, W) through the route's gather m
 copies), builds Δ = dt_weight[k] @ dt_low on the fly (or, at larger ranks, reads it from one batched GEMM, see
 ``DELTA_OPTS``), scans, and adds its y into one merged fp32 (b, D, H*W)
 buffer with atomics through the same map (gathering by idx and scattering by idx are inverse maps, so any
-permutation route works unchanged). Directions that run along columns read one shared transposed copy of x and
-accumulate into a second (transposed) buffer, so their loads and atomics are coalesced; ``_route_plan`` picks
-that per direction from the index map itself. Backward saves only the inputs and recomputes (see
-``triton_scan_core``).
+permutation route works unchanged). Backward saves only the inputs and recomputes (see ``triton_scan_core``).
+
+Two memory layouts, picked by x's strides (``_feature_last``); the kernels take strided views either way:
+
+* channels last (x a channels-last (b, D, H, W), dt_low/B/C with their c axis innermost, as the VM-UNet block makes
+  them from its (b, H, W, C) activations): every gathered position is one contiguous run of channels or states,
+  whatever the route, so nothing is copied or transposed around the kernels; y, dx and dB/dC come back in the
+  same layout.
+* channel first (contiguous x, as the fast family's blocks have it): a direction that runs along columns reads one
+  shared transposed copy of x and accumulates into a second (transposed) buffer, so its loads and atomics are
+  coalesced; ``_route_plan`` picks that per direction from the index map itself.
 
 Registered as ``vm_unet::ss2d_fwd`` / ``vm_unet::ss2d_bwd`` custom ops (fake impls for torch.compile); inputs of
 any float dtype, fp32 compute, output in x's dtype.
@@ -25,41 +32,74 @@ from .routes import route_indices
 from .triton_transpose import transpose_last2
 
 
-@functools.lru_cache(maxsize=256)
-def _route_plan_host(route: str, h: int, w: int, pin: bool) -> tuple[torch.Tensor, tuple[int, ...], bool]:
-    """Gather maps in the layout each direction reads best, and which directions are transposed, packed in one
-    host int32 tensor: K*L map entries, then the K slot flags (pinned when it will be copied to a GPU); and whether
-    every map is an arithmetic progression (the kernels then compute positions instead of loading them).
+def chunk_lines(maps: torch.Tensor, bl: int) -> torch.Tensor | None:
+    """(K, nchunk, 2) int32 (first position, step) of every chunk of ``bl`` steps of the maps (K, L), or None unless
+    each chunk's positions are an arithmetic progression (its padded tail aside): the kernels then compute positions
+    from two numbers a chunk instead of loading the map (``triton_scan_core._positions``). The cross route's maps
+    are, in either layout (a row or column of the image per chunk, as long as the chunk length divides the side);
+    so are zigzag rows of even width; quadtree windows and random maps are not."""
+    k, length = maps.shape
+    nchunk = -(-length // bl)
+    chunks = torch.nn.functional.pad(maps.long(), (0, nchunk * bl - length)).view(k, nchunk, bl)
+    first = chunks[..., 0]
+    step = chunks[..., 1] - first if bl > 1 else torch.zeros_like(first)
+    valid = (torch.arange(nchunk * bl) < length).view(nchunk, bl)
+    fits = chunks == first[..., None] + step[..., None] * torch.arange(bl)
+    if not bool((fits | ~valid).all()):
+        return None
+    return torch.stack([first, step], -1).to(torch.int32)
 
-    A direction whose steps are contiguous in the transposed image (column-major routes) reads a transposed copy
-    of x (one extra copy for all such directions, not one per direction) and its own dt_low/B/C slice transposed,
-    so its loads and atomics are coalesced; its index map is rewritten to flat indices of the (W, H) image.
+
+@functools.lru_cache(maxsize=256)
+def _route_plan_host(route: str, h: int, w: int, transpose_columns: bool, bl: int, pin: bool
+                     ) -> tuple[torch.Tensor, tuple[int, ...], str]:
+    """Gather maps in the layout each direction reads, which directions are transposed, and the chunk lines of
+    ``bl``-step chunks when the maps need and have them (``chunk_lines``), packed in one host int32 tensor: K*L map
+    entries, the K slot flags, the K*nchunk*2 lines (pinned when it will be copied to a GPU); and how the kernels
+    get positions (``triton_scan_core._positions``): "affine" (every map an arithmetic progression), "lines" or
+    "gather".
+
+    ``transpose_columns`` (the channel-first layout): a direction whose steps are contiguous in the transposed image
+    (column-major routes) reads a transposed copy of x (one extra copy for all such directions, not one per
+    direction) and its own dt_low/B/C slice transposed, so its loads and atomics are coalesced; its index map is
+    rewritten to flat indices of the (W, H) image. Channels last, every map is read as it is.
     """
     idx = route_indices(route, h, w, "cpu")
-    tmap = (idx % w) * h + idx // w
+    lay = torch.zeros(idx.shape[0], dtype=torch.bool)
+    if transpose_columns:
+        tmap = (idx % w) * h + idx // w
 
-    def contiguity(m: torch.Tensor) -> torch.Tensor:
-        return (m[:, 1:] - m[:, :-1]).abs().eq(1).float().mean(1) if m.shape[1] > 1 else torch.zeros(m.shape[0])
-    lay = (contiguity(tmap) > contiguity(idx)) & (h > 1) & (w > 1)
-    eff = torch.where(lay[:, None], tmap, idx)
-    # int32 keeps a map at 4 bytes a position; H*W < 2**31 always here
-    packed = torch.cat([eff.flatten(), lay]).to(torch.int32)
+        def contiguity(m: torch.Tensor) -> torch.Tensor:
+            return (m[:, 1:] - m[:, :-1]).abs().eq(1).float().mean(1) if m.shape[1] > 1 else torch.zeros(m.shape[0])
+        lay = (contiguity(tmap) > contiguity(idx)) & (h > 1) & (w > 1)
+    eff = torch.where(lay[:, None], tmap, idx) if transpose_columns else idx
     steps = eff[:, 1:] - eff[:, :-1]
-    affine = eff.shape[1] > 1 and bool((steps == steps[:, :1]).all())
-    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay), affine
+    lines, mode = None, "gather"
+    if eff.shape[1] > 1 and bool((steps == steps[:, :1]).all()):
+        mode = "affine"
+    elif eff.shape[1] > 1:
+        lines = chunk_lines(eff, bl)
+        mode = "lines" if lines is not None else mode
+    # int32 keeps a map at 4 bytes a position; H*W < 2**31 always here
+    parts = [eff.flatten(), lay] + ([lines.flatten()] if lines is not None else [])
+    packed = torch.cat([t.to(torch.int32) for t in parts])
+    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay), mode
 
 
-def _route_plan(route: str, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor, tuple, bool]:
-    """(gather maps (K, L), slot map (K,), transposed flags, maps affine) on ``device``. The maps are cached on the
-    host and copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built while CUDA
-    graphs are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs' private
-    memory pool, which must hold only the graph's own tensors."""
+def _route_plan(route: str, h: int, w: int, device, transpose_columns: bool, bl: int
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor | None, str]:
+    """(gather maps (K, L), slot map (K,), transposed flags, chunk lines or None, positions mode) on ``device``. The
+    maps are
+    cached on the host and copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built
+    while CUDA graphs are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs'
+    private memory pool, which must hold only the graph's own tensors."""
     device = torch.device(device)
-    packed, lay, affine = _route_plan_host(route, h, w, device.type == "cuda")
+    packed, lay, mode = _route_plan_host(route, h, w, transpose_columns, bl, device.type == "cuda")
     if packed.device != device:
         packed = packed.to(device, non_blocking=True)
     k, length = len(lay), h * w
-    return packed[:k * length].view(k, length), packed[k * length:], lay, affine
+    lines = packed[k * length + k:] if mode == "lines" else None
+    return packed[:k * length].view(k, length), packed[k * length:k * length + k], lay, lines, mode
 
 
 # The layout copies below (transposes, the merge of the two accumulators) run as the tiled Triton kernel of
@@ -121,43 +161,126 @@ def _merge_slots(t: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.T
     return transpose_last2(t[1].view(b, d, w, h), add=y, dtype=dtype)
 
 
-def _prep(x, dt_low, B, C, dt_weight, maps):
-    b, d, h, w = x.shape
-    k, _, r = dt_weight.shape
-    L = h * w
-    per_dir = [_swap(t.reshape(b, k, -1, L), maps, h, w).contiguous() for t in (dt_low, B, C)]
-    return (_two_layouts(x, h, w, maps[4]), *per_dir, dt_weight.contiguous(), b, d, h, w, k, r, L)
+def _feature_last(x: torch.Tensor) -> bool:
+    """Whether the op runs channels last: x (b, D, H, W) laid out as (b, H, W, D) in memory, and not also contiguous
+    (one channel or one pixel)."""
+    return not x.is_contiguous() and x.permute(0, 2, 3, 1).is_contiguous()
 
 
-def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device) -> tuple:
-    """(idx, batch stride, direction stride, kmap, lay, affine) for a named route or an index map (K, L) /
-    (b, K, L)."""
+def _image_empty(b: int, d: int, h: int, w: int, feature_last: bool, **kw) -> torch.Tensor:
+    """An empty (b, D, H, W) tensor in the op's layout: what y and dx are returned in (fake impls use it too)."""
+    if feature_last:
+        return torch.empty(b, h, w, d, **kw).permute(0, 3, 1, 2)
+    return torch.empty(b, d, h, w, **kw)
+
+
+def _seq_view(t: torch.Tensor) -> torch.Tensor:
+    """(b, K, c, H, W) -> (b, K, c, H*W) with c innermost: a view where t is laid out so (the VM-UNet block's
+    projections, ``vmamba.SSMCore.forward_core``), else one copy."""
+    b, k, c, h, w = t.shape
+    if (c > 1 and t.stride(2) != 1) or (h > 1 and t.stride(3) != w * t.stride(4)):
+        t = t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    return t.flatten(3)
+
+
+def _position_major(b: int, k: int, c: int, h: int, w: int, **kw) -> torch.Tensor:
+    """A (b, K, c, H, W) tensor stored (b, H, W, K, c): how dB and dC are accumulated and returned channels last."""
+    return torch.empty(b, h, w, k, c, **kw).permute(0, 3, 4, 1, 2)
+
+
+def _states_grad_out(t: torch.Tensor, dtype: torch.dtype, h: int, w: int) -> torch.Tensor:
+    """dB or dC accumulated (b, K, N, L) fp32 -> (b, K, N, H, W) in ``dtype``, stored (b, H, W, K, N) as B and C come
+    channels last: one transposing cast."""
+    b, k, n, L = t.shape
+    src = t.view(b, k * n, L)
+    if _tiled(t):
+        out = transpose_last2(src, dtype=dtype)
+    else:
+        out = torch.empty(b, L, k * n, device=t.device, dtype=dtype).copy_(src.transpose(1, 2))
+    return out.view(b, h, w, k, n).permute(0, 3, 4, 1, 2)
+
+
+def _lowrank_grad_empty(b: int, k: int, r: int, h: int, w: int, **kw) -> torch.Tensor:
+    """d dt_low (b, K, R, H, W) as the channels-last backward's GEMM writes it: stored (K, b, H, W, R)."""
+    return torch.empty(k, b, h, w, r, **kw).permute(1, 0, 4, 2, 3)
+
+
+class _Operands:
+    """The op's inputs as the kernels read them: x as (b, D, L) views (slot 0 and slot 1, see ``_two_layouts``),
+    dt_low/B/C as (b, K, c, L) views, the route maps, and the layout."""
+
+    def __init__(self, x, dt_low, B, C, route: str, order: Optional[torch.Tensor], bl: int):
+        b, d, h, w = x.shape
+        self.b, self.d, self.h, self.w, self.L = b, d, h, w, h * w
+        self.feature_last = _feature_last(x)
+        self.maps = _maps_for(route, order, h, w, x.device, not self.feature_last, bl)
+        if self.feature_last:
+            xs = x.permute(0, 2, 3, 1).reshape(b, h * w, d).transpose(1, 2)   # a view, channels innermost
+            self.xx = (xs, xs)
+            self.lows, self.Bs, self.Cs = (_seq_view(t) for t in (dt_low, B, C))
+        else:
+            self.xx = _two_layouts(x, h, w, self.maps[4])
+            k = dt_low.shape[1]
+            self.lows, self.Bs, self.Cs = (_swap(t.reshape(b, k, -1, self.L), self.maps, h, w).contiguous()
+                                           for t in (dt_low, B, C))
+
+    def image_out(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``."""
+        if self.feature_last:
+            return acc.to(dtype).view(self.b, self.h, self.w, self.d).permute(0, 3, 1, 2)
+        return _merge_slots(acc, self.h, self.w, dtype)
+
+    def out_buffer(self) -> tuple[torch.Tensor, tuple]:
+        """A zeroed fp32 accumulator for y or dx, and its strides as the kernels take them (batch, slot, channel,
+        position): channels last one (b, L, D) buffer, else one (b, D, L) per slot."""
+        f32 = dict(device=self.xx[0].device, dtype=torch.float32)
+        if self.feature_last:
+            acc = torch.zeros(self.b, self.L, self.d, **f32)
+            return acc, (acc.stride(0), 0, 1, self.d)
+        acc = torch.zeros(_slots(self.maps[4]), self.b, self.d, self.L, **f32)
+        return acc, (acc.stride(1), acc.stride(0), self.L, 1)
+
+    def grad_pair(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The incoming gradient (b, D, H, W) as the kernels read it: like x."""
+        if self.feature_last:
+            g = grad.permute(0, 2, 3, 1)
+            gs = g.contiguous().view(self.b, self.L, self.d).transpose(1, 2)  # a view when it came channels last
+            return gs, gs
+        return _two_layouts(grad, self.h, self.w, self.maps[4])
+
+
+def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device, transpose_columns: bool,
+              bl: int) -> tuple:
+    """(idx, batch stride, direction stride, kmap, lay, chunk lines or None, positions mode) for a named route or
+    an index map (K, L) / (b, K, L)."""
     if order is None:
-        idx, kmap, lay, affine = _route_plan(route, h, w, device)
-        return idx, 0, idx.stride(0), kmap, lay, affine
-    # per-sample maps (data-dependent routes): read as given, no transposed layout
+        idx, kmap, lay, lines, mode = _route_plan(route, h, w, device, transpose_columns, bl)
+        return idx, 0, idx.stride(0), kmap, lay, lines, mode
+    # per-sample maps (data-dependent routes): read as given, no transposed layout, loaded every chunk
     idx = order.to(device=device, dtype=torch.int32).contiguous()
     k = idx.shape[-2]
     return (idx, idx.stride(0) if idx.dim() == 3 else 0, idx.stride(-2),
-            torch.zeros(k, device=device, dtype=torch.int32), (0,) * k, False)
+            torch.zeros(k, device=device, dtype=torch.int32), (0,) * k, None, "gather")
 
 
-def _input_args(xx, lows, W, dt_bias, A, Ds, Bs, Cs, maps) -> tuple[tuple, dict]:
+def _input_args(ops: _Operands, W, dt_bias, A, Ds) -> tuple[tuple, dict]:
     """The argument prefix the forward and backward kernels share, and their flags: x read through the route map
-    (its two slots from ``_two_layouts``, two tensors), Δ (see ``_delta_operand``), B, C; no z gate in SS2D
-    (placeholder)."""
-    idx, s_ib, s_ik, kmap = maps[:4]
-    delta, flags = _delta_operand(lows, W, A.shape[1])
-    x0, x1 = xx
+    (its two slots, or one channels last), Δ (see ``_delta_operand``), B, C; no z gate in SS2D (placeholder)."""
+    idx, s_ib, s_ik, kmap, _, lines, mode = ops.maps
+    delta, flags = _delta_operand(ops.lows, W, A.shape[1], ops.feature_last)
+    x0, x1 = ops.xx
+    Bs, Cs = ops.Bs, ops.Cs
     return (x0, x1, x0.stride(0), 0, x0.stride(1), x0.stride(2),
             *delta,
             dt_bias, A, Ds,
             Bs, *Bs.stride(), Cs, *Cs.stride(),
             x0, 0, 0, 0, 0,
-            idx, s_ib, s_ik, kmap), dict(flags, AFFINE=maps[5])
+            idx, s_ib, s_ik, lines if lines is not None else idx, kmap), \
+        dict(flags, AFFINE=mode == "affine", LINES=mode == "lines", KMAP=not ops.feature_last,
+             FEATURE_LAST=ops.feature_last)
 
 
-_FLAGS = dict(GATHER=True, KMAP=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False)
+_FLAGS = dict(GATHER=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False)
 
 # Δ in the kernel from the low-rank factors costs R FMAs and R gathered loads per position in each of the forward,
 # states and backward passes. From rank min_rank on (and for d_state >= min_state, where the scan's own work per
@@ -177,12 +300,13 @@ def _delta_grad_dtype(lows: torch.Tensor) -> torch.dtype:
     return lows.dtype if lows.dtype in _HALF else torch.float32
 
 
-def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int) -> tuple[tuple, dict]:
+def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int, feature_last: bool = False
+                   ) -> tuple[tuple, dict]:
     """Kernel arguments for Δ (tensor and its 4 strides, W and its 2 strides) and the flags that go with them."""
     r = lows.shape[2]
     if r < DELTA_OPTS["min_rank"] or n_state < DELTA_OPTS["min_state"]:
         return (lows, *lows.stride(), W, W.stride(0), W.stride(1)), _FLAGS
-    delta = _delta_gemm(W, lows)
+    delta = _delta_gemm(W, lows, feature_last)
     return (delta, *delta.stride(), W, 0, 0), dict(_FLAGS, LOWRANK=False)
 
 
@@ -199,18 +323,30 @@ def _bmm_has_out_dtype() -> bool:
     return "dtype" in torch.ops.aten.bmm.overloads()
 
 
-def _delta_gemm(W: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:
-    """Δ_k = W_k @ low_k, (K, D, R) @ (b, K, R, L) -> (b, K, D, L) fp32, the kernels' precision for Δ.
+def _delta_gemm(W: torch.Tensor, lows: torch.Tensor, feature_last: bool = False) -> torch.Tensor:
+    """Δ_k = W_k @ low_k, (K, D, R) @ (b, K, R, L) -> (b, K, D, L) fp32, the kernels' precision for Δ; a view of
+    (K, b, L, D) channels last (``feature_last``, lows with R innermost), else of (K, D, b, L) or (b, K, D, L).
 
     Half-precision low-rank factors (dt_low under autocast): per direction one tensor-core GEMM over the whole
-    batch, (D, 2R) @ (2R, b·L), accumulated and written in fp32, returned as a (b, K, D, L) view of (K, D, b, L).
-    fp32 W is split into two half-precision parts, hi + lo, against dt_low stacked twice, so W keeps about 16
-    mantissa bits (rel. error of Δ 2.5e-6; W rounded to bf16 alone gave 1.7e-3), for a copy of dt_low (2R/D of Δ's
-    size). The depth 2R also keeps the rows 16-byte aligned at R = 12, where cuBLAS otherwise picks a kernel 2.5x
-    slower. The fp32 GEMM, the path otherwise, ran on the CUDA cores at 1.0-1.8 TB/s of output (R = 12..48, H200):
-    about 0.9 ms of a 256² batch-32 inference; under autocast it would round Δ to bf16."""
+    batch, (D, 2R) @ (2R, b·L), accumulated and written in fp32. fp32 W is split into two half-precision parts,
+    hi + lo, against dt_low stacked twice, so W keeps about 16 mantissa bits (rel. error of Δ 2.5e-6; W rounded to
+    bf16 alone gave 1.7e-3), for a copy of dt_low (2R/D of Δ's size). The depth 2R also keeps the rows 16-byte
+    aligned at R = 12, where cuBLAS otherwise picks a kernel 2.5x slower. The fp32 GEMM, the path otherwise, ran on
+    the CUDA cores at 1.0-1.8 TB/s of output (R = 12..48, H200): about 0.9 ms of a 256² batch-32 inference; under
+    autocast it would round Δ to bf16."""
     b, k, r, L = lows.shape
     d = W.shape[1]
+    if feature_last:
+        low_t = lows.permute(1, 0, 3, 2)                                        # (K, b, L, R), a view
+        if _half_gemm_fp32_out(lows, b * k * d * L):
+            hi = W.to(lows.dtype)
+            lo = (W - hi).to(lows.dtype)
+            low2 = torch.cat([low_t, low_t], 3).reshape(k, b * L, 2 * r)
+            delta = torch.bmm(low2, torch.cat([hi, lo], 2).transpose(1, 2), out_dtype=torch.float32)  # (K, b·L, D)
+        else:
+            with torch.autocast(lows.device.type, enabled=False):
+                delta = torch.matmul(low_t.float(), W.float().transpose(1, 2)[:, None])
+        return delta.view(k, b, L, d).permute(1, 0, 3, 2)
     if _half_gemm_fp32_out(lows, b * k * d * L):
         hi = W.to(lows.dtype)
         lo = (W - hi).to(lows.dtype)                    # W - hi in W's precision (type promotion)
@@ -255,51 +391,53 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
              order: Optional[torch.Tensor], keep_states: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, and for the backward what ``_kept_shapes`` says: chunk-start states, segment end states and ΣΔ."""
-    maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
-    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps)
-    n = A.shape[1]
-    out = torch.zeros(_slots(maps[4]), b, d, L, device=x.device, dtype=torch.float32)
-    prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
-    dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
+    b, d, h, w = x.shape
+    k, _, r = dt_weight.shape
+    n, L = A.shape[1], h * w
     plan = _forward_plan(n, L, d, b * k)
+    ops = _Operands(x, dt_low, B, C, route, order, plan.bl)
+    prefix, flags = _input_args(ops, dt_weight.contiguous(), dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
+    dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     shapes = _kept_shapes(b, k, d, L, n, keep_states)
     f32 = dict(device=x.device, dtype=torch.float32)
     states = torch.empty(shapes[0], **f32)
-    seg = core.scan_forward(prefix, dims, plan, flags, out=out, out_strides=(out.stride(1), out.stride(0), L, 1),
-                            atomic_out=True, states=states if states.numel() else None)
+    out, out_strides = ops.out_buffer()
+    seg = core.scan_forward(prefix, dims, plan, flags, out=out, out_strides=out_strides, atomic_out=True,
+                            states=states if states.numel() else None)
     hend, sdl = seg if shapes[1] != (0,) else (torch.empty(s, **f32) for s in shapes[1:])  # kept: L was split
-    return _merge_slots(out, h, w, x.dtype), states, hend, sdl
+    return ops.image_out(out, x.dtype), states, hend, sdl
 
 
 @ss2d_fwd.register_fake
 def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, keep_states):
     b, d, h, w = x.shape
     shapes = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+    return (_image_empty(b, d, h, w, _feature_last(x), dtype=x.dtype, device=x.device),
             *(x.new_empty(s, dtype=torch.float32) for s in shapes))
 
 
-# L at or above 2 * DW_PIECE is cut into pieces of DW_PIECE positions for d dt_weight (see _dt_weight_grad)
+# reductions of at least 2 * DW_PIECE positions are cut into pieces of DW_PIECE positions for d dt_weight
 DW_PIECE = 4096
 
 
 def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Σ_l dΔ lowᵀ per (batch, direction): (M, D, L) x (M, R, L) -> (M, D, R), fp32 (GEMMs in the inputs' dtype,
-    each product widened before partial products are summed). One GEMM per row reduces over all of L, and with few
-    rows (long sequences at small batch) cuBLAS then leaves most of the GPU idle: 1.9 ms for 0.4 GB read at 1024²
-    batch 2 on an H100. Long L is cut into pieces, each a GEMM of its own (a strided batch per row, views of the same
-    memory), and the pieces summed."""
-    m, d, L = ddt.shape
+    """Σ_l ddt[m, l]ᵀ low[m, l]: (M, L, D) x (M, L, R) -> (M, D, R), fp32 (GEMMs in the inputs' dtype, each
+    product widened before partial products are summed); any strides with a unit stride in each matrix. One GEMM
+    per row reduces over all of L, and with few rows (long sequences at small batch, or the channels-last layout's
+    one row per direction) cuBLAS then leaves most of the GPU idle: 1.9 ms for 0.4 GB read at 1024² batch 2 on an
+    H100. Long L is cut into pieces, each a GEMM of its own (a strided batch per row, views of the same memory),
+    and the pieces summed."""
+    m, L, d = ddt.shape
     if L < 2 * DW_PIECE:
-        return torch.matmul(ddt, low.transpose(1, 2)).float()
+        return torch.matmul(ddt.transpose(1, 2), low).float()
     n = L // DW_PIECE
     main = n * DW_PIECE
-    parts = [torch.matmul(ddt[i, :, :main].view(d, n, DW_PIECE).transpose(0, 1),     # (n, D, piece)
-                          low[i, :, :main].view(-1, n, DW_PIECE).permute(1, 2, 0))     # (n, piece, R)
+    parts = [torch.matmul(ddt[i, :main].unflatten(0, (n, DW_PIECE)).transpose(1, 2),    # (n, D, piece)
+                          low[i, :main].unflatten(0, (n, DW_PIECE)))                      # (n, piece, R)
              for i in range(m)]
     dW = torch.stack(parts).float().sum(1)                                             # one reduction
     if main < L:
-        dW += torch.matmul(ddt[:, :, main:], low[:, :, main:].transpose(1, 2)).float()
+        dW += torch.matmul(ddt[:, main:].transpose(1, 2), low[:, main:]).float()
     return dW
 
 
@@ -310,41 +448,68 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
              seg_sdl: torch.Tensor) -> list[torch.Tensor]:
     """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]. ``states``, ``seg_hend``, ``seg_sdl``: what the
     forward kept (see ``_kept_shapes``), or empty."""
-    maps = _maps_for(route, order, x.shape[-2], x.shape[-1], x.device)
-    lay = maps[4]
-    xx, lows, Bs, Cs, W, b, d, h, w, k, r, L = _prep(x, dt_low, B, C, dt_weight, maps)
-    n = A.shape[1]
-    prefix, flags = _input_args(xx, lows, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous(), Bs, Cs, maps)
-    g0, g1 = _two_layouts(grad, h, w, lay)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.zeros(_slots(lay), b, d, L, **f32)
-    ddt = torch.empty(b, k, d, L, device=x.device, dtype=_delta_grad_dtype(lows))   # dΔ, in each direction's read layout
-    dB = torch.zeros(b, k, n, L, **f32)
-    dC = torch.zeros(b, k, n, L, **f32)
-    dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
+    b, d, h, w = x.shape
+    k, _, r = dt_weight.shape
+    n, L = A.shape[1], h * w
     plan = core.launch_plan(n, L, d, backward=True, rows=b * k)
+    ops = _Operands(x, dt_low, B, C, route, order, plan.bl)
+    W = dt_weight.contiguous()
+    prefix, flags = _input_args(ops, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
+    g0, g1 = ops.grad_pair(grad)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx, dx_strides = ops.out_buffer()
+    ddt_dtype = _delta_grad_dtype(ops.lows)
+    # dB, dC accumulate with positions innermost in both layouts: channels last, (b, L, K, N) atomics measured 25%
+    # slower in the backward kernel (each warp's atomics then span twice the sectors), so they are transposed once
+    # on the way out (``_states_grad_out``)
+    dB, dC = torch.zeros(b, k, n, L, **f32), torch.zeros(b, k, n, L, **f32)
+    if ops.feature_last:
+        # dΔ (K, b, L, D): each (direction, image) one (L, D) matrix for its two GEMMs
+        ddt = torch.empty(k, b, L, d, device=x.device, dtype=ddt_dtype).permute(1, 0, 3, 2)
+    else:
+        ddt = torch.empty(b, k, d, L, device=x.device, dtype=ddt_dtype)   # in each direction's read layout
+    dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     dA, dD, dbias = core.scan_backward(
         prefix, dims, plan, flags,
         g=(g0, g1, g0.stride(0), 0, g0.stride(1), g0.stride(2)),
-        du=(dx, dx.stride(1), dx.stride(0), dx.stride(2), dx.stride(3)), atomic_du=True,
+        du=(dx, *dx_strides), atomic_du=True,
         ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()),
         states=states if states.numel() else None,
         seg_ends=(seg_hend, seg_sdl, _forward_plan(n, L, d, b * k)) if seg_hend.numel() else None)
-    # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
-    dlow = torch.matmul(W.to(ddt.dtype).transpose(1, 2), ddt)                          # (b, k, r, L)
-    dW = _dt_weight_grad(ddt.view(b * k, d, L), lows.to(ddt.dtype).reshape(b * k, r, L)).view(b, k, d, r).sum(0)
-    # back from each direction's read layout to image layout, cast on the way
-    dlow, dB, dC = (_swap(t, maps, w, h, like.dtype).reshape(like.shape) for t, like in
-                    ((dlow, dt_low), (dB, B), (dC, C)))
-    return [_merge_slots(dx, h, w, x.dtype), dlow, dB, dC,
+    lows = ops.lows.to(ddt.dtype)
+    if ops.feature_last:
+        # Δ_k = W_k @ low_k over all (b, l) of direction k: d low_k = dΔ_k W_k, d W_k = Σ_b dΔ_k,bᵀ low_k,b
+        ddt_k = ddt.permute(1, 0, 3, 2)                                                  # (K, b, L, D), a view
+        dlow = _lowrank_grad_empty(b, k, r, h, w, device=x.device, dtype=dt_low.dtype)
+        dlow.permute(1, 0, 3, 4, 2).view(k, b * L, r).copy_(torch.bmm(ddt_k.reshape(k, b * L, d), W.to(ddt.dtype)))
+        dW = _dt_weight_grad(ddt_k.reshape(k * b, L, d), lows.permute(1, 0, 3, 2).reshape(k * b, L, r))
+        dW = dW.view(k, b, d, r).sum(1)
+        dB, dC = (_states_grad_out(t, like.dtype, h, w) for t, like in ((dB, B), (dC, C)))
+    else:
+        # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
+        dlow = torch.matmul(W.to(ddt.dtype).transpose(1, 2), ddt)                          # (b, k, r, L)
+        dW = _dt_weight_grad(ddt.view(b * k, d, L).transpose(1, 2),
+                             lows.reshape(b * k, r, L).transpose(1, 2)).view(b, k, d, r).sum(0)
+        # back from each direction's read layout to image layout, cast on the way
+        dlow, dB, dC = (_swap(t, ops.maps, w, h, like.dtype).reshape(like.shape) for t, like in
+                        ((dlow, dt_low), (dB, B), (dC, C)))
+    return [ops.image_out(dx, x.dtype), dlow, dB, dC,
             dW.view(dt_weight.shape).to(dt_weight.dtype), dbias.view(dt_bias.shape).to(dt_bias.dtype),
             dA.to(A.dtype), dD.to(Ds.dtype)]
 
 
 @ss2d_bwd.register_fake
 def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, states, seg_hend, seg_sdl):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format)
-            for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds)]
+    b, d, h, w = x.shape
+    k, _, r = dt_weight.shape
+    n = A.shape[1]
+    params = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (dt_weight, dt_bias, A, Ds)]
+    if _feature_last(x):
+        return [_image_empty(b, d, h, w, True, dtype=x.dtype, device=x.device),
+                _lowrank_grad_empty(b, k, r, h, w, dtype=dt_low.dtype, device=x.device),
+                _position_major(b, k, n, h, w, dtype=B.dtype, device=x.device),
+                _position_major(b, k, n, h, w, dtype=C.dtype, device=x.device), *params]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, dt_low, B, C)] + params
 
 
 def _setup_context(ctx, inputs, output):

@@ -69,6 +69,12 @@ def main() -> int:
             params = [torch.randn(k, d, r), torch.randn(k, d), -torch.rand(k * d, n), torch.randn(k * d)]
             params = [p.requires_grad_() for p in params]
             ss2d_core_triton(x, low, B, C, *params, route="cross").sum().backward()
+            # channels last (the VM-UNet block's layout): x and one (b, H, W, K, c) projection, h a multiple of
+            # the chunk so the column directions compute their positions too
+            xc = torch.randn(b, 8, w, d, generator=g).to(dtype).permute(0, 3, 1, 2).requires_grad_()
+            proj = torch.randn(b, 8, w, k, r + 2 * n, generator=g).to(dtype).permute(0, 3, 4, 1, 2).requires_grad_()
+            ss2d_core_triton(xc, proj[:, :, :r], proj[:, :, r:r + n], proj[:, :, r + n:], *params,
+                             route="cross").sum().backward()
             order = torch.stack([torch.randperm(h * w), torch.randperm(h * w)])[None]
             low2, B2, C2 = (t[:, :2].detach().requires_grad_() for t in (low, B, C))
             p2 = [params[0][:2], params[1][:2], params[2][:2 * d], params[3][:2 * d]]

@@ -150,6 +150,8 @@ def _check_ss2d_optimised_equals_reference(device):
     xr = x.detach().clone().requires_grad_(True)
     ref = _ss2d_published_forward(m, xr)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():   # no gradient needed: the block runs channels last (another x_proj GEMM, other strides)
+        assert torch.allclose(m(x), ref, rtol=1e-4, atol=1e-5)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, *m.parameters()], g)
     want = torch.autograd.grad(ref, [xr, *m.parameters()], g)

@@ -76,6 +76,16 @@ def ss2d_inputs(b, d, h, w, r, N, dtype, k=4, device="cpu", seed=0):
             -(torch.rand(k * d, N, generator=g) * 2 + 0.1).to(device), rn(k * d)]
 
 
+def channels_last(args):
+    """SS2D inputs laid out as the VM-UNet block makes them: x channels last, dt_low/B/C slices of one (b, H, W, K, c)
+    projection (``vmamba.SSMCore.forward_core``); same values and shapes."""
+    x, low, B, C, *rest = args
+    r, n = low.shape[2], B.shape[2]
+    proj = torch.cat([low, B, C], 2).permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    return [x.contiguous(memory_format=torch.channels_last), proj[:, :, :r], proj[:, :, r:r + n], proj[:, :, r + n:],
+            *rest]
+
+
 def grads(out, inputs, g):
     live = [t for t in inputs if t is not None]
     return list(torch.autograd.grad(out, live, g))
@@ -99,6 +109,7 @@ def compare_scan(args, softplus, tol, ref_dtype=torch.float64):
 
 
 def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None):
+    # clone keeps the strides (channels-last inputs stay channels last)
     tri = [t.detach().clone().requires_grad_(True) for t in args]
     ref = [t.detach().to(ref_dtype).requires_grad_(True) for t in args]
     y = ss2d_core_triton(*tri, route=route)
@@ -181,14 +192,34 @@ def test_selective_scan_fn_dispatches_to_triton(monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("layout", ["channel_first", "channels_last"])
 @pytest.mark.parametrize("b,d,h,w,r,N,dtype", [
     (2, 5, 3, 7, 3, 16, torch.float32),    # odd H/W, D not a multiple of the channel block
     (1, 4, 5, 5, 2, 1, torch.float32),     # N=1
     (1, 3, 3, 5, 2, 16, torch.bfloat16),   # bf16
 ])
-def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, monkeypatch):
-    compare_ss2d(ss2d_inputs(b, d, h, w, r, N, dtype), "cross", 1e-5 if dtype == torch.float32 else 2e-2,
-                 monkeypatch=monkeypatch)
+def test_ss2d_matches_reference(b, d, h, w, r, N, dtype, layout, monkeypatch):
+    args = ss2d_inputs(b, d, h, w, r, N, dtype)
+    compare_ss2d(channels_last(args) if layout == "channels_last" else args, "cross",
+                 1e-5 if dtype == torch.float32 else 2e-2, monkeypatch=monkeypatch)
+
+
+# the channels-last layout returns y, dx, dB, dC, d dt_low in the layout it was given (no copies around the kernels),
+# and takes any other strides through a copy; the forward and backward agree with the reference there too
+@cpu_only
+def test_ss2d_channels_last_keeps_the_layout(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": 2})
+    args = [t.requires_grad_(True) for t in channels_last(ss2d_inputs(2, 3, 4, 8, 2, 4, torch.float32))]
+    y = ss2d_core_triton(*args)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    dx, dlow, dB, dC = torch.autograd.grad(y, args[:4], torch.randn_like(y))
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    for t in (dlow, dB, dC):   # channels (of each direction) innermost, positions flat
+        assert t.stride(2) == 1 and t.stride(3) == t.shape[4] * t.stride(4)
+    x, low, B, C, *rest = args
+    mixed = [x, low.detach().contiguous(), B.detach(), C.detach().transpose(-1, -2).contiguous().transpose(-1, -2)]
+    compare_ss2d([*mixed, *rest], "cross", 1e-5, monkeypatch=monkeypatch)
 
 
 # the layout copies around the kernels as tiled Triton transposes (the default from 8 M elements on), forced here
@@ -314,19 +345,25 @@ def test_dt_weight_grad_in_pieces_of_long_sequences(monkeypatch):
         monkeypatch.setattr(triton_ss2d, "DW_PIECE", piece)
         ddt, low = torch.randn(3, 5, L, generator=g), torch.randn(3, 2, L, generator=g)
         ref = torch.einsum("mdl,mrl->mdr", ddt.double(), low.double())
-        assert rel(triton_ss2d._dt_weight_grad(ddt, low), ref) < 1e-6
+        # both layouts the op passes: positions fastest (channel first) and channels fastest (channels last)
+        assert rel(triton_ss2d._dt_weight_grad(ddt.transpose(1, 2), low.transpose(1, 2)), ref) < 1e-6
+        ddt_cl, low_cl = ddt.transpose(1, 2).contiguous(), low.transpose(1, 2).contiguous()
+        assert rel(triton_ss2d._dt_weight_grad(ddt_cl, low_cl), ref) < 1e-6
 
 
 def test_delta_materialised_only_where_measured_faster():
     from vm_unet.kernels.triton_ss2d import _delta_operand
     for r, n, materialised in [(6, 16, False), (12, 16, True), (48, 16, True), (12, 1, False)]:
         W, lows = torch.randn(4, 8, r), torch.randn(2, 4, r, 10)
-        args, flags = _delta_operand(lows, W, n)
-        assert flags["LOWRANK"] is not materialised
-        if materialised:   # Δ (b, K, D, L) = W_k @ low_k, in fp32
-            ref = torch.einsum("kdr,bkrl->bkdl", W, lows)
-            assert args[0].shape == (2, 4, 8, 10) and torch.allclose(args[0], ref, atol=1e-5)
-            assert args[0].dtype == torch.float32 and args[1:5] == args[0].stride()
+        for feature_last in (False, True):
+            src = lows.transpose(2, 3).contiguous().transpose(2, 3) if feature_last else lows
+            args, flags = _delta_operand(src, W, n, feature_last)
+            assert flags["LOWRANK"] is not materialised
+            if materialised:   # Δ (b, K, D, L) = W_k @ low_k, in fp32; channels innermost when channels last
+                ref = torch.einsum("kdr,bkrl->bkdl", W, lows)
+                assert args[0].shape == (2, 4, 8, 10) and torch.allclose(args[0], ref, atol=1e-5)
+                assert args[0].dtype == torch.float32 and args[1:5] == args[0].stride()
+                assert (args[0].stride(2) == 1) is feature_last
 
 
 # L split into segments (the two-pass scan used when few programs would walk all of L): forced segment counts
@@ -476,17 +513,29 @@ def test_custom_ops_trace_under_compile():
     assert s_args[0].grad is not None
 
 
-# the kernels compute positions instead of loading the map when every direction's map (in its read layout) is an
-# arithmetic progression: the cross and bidirectional routes; zigzag and one-position images load it
-def test_route_maps_affine_where_arithmetic():
-    from vm_unet.kernels.triton_ss2d import _route_plan_host
-    for route, h, w, affine in (("cross", 6, 5, True), ("cross", 1, 7, True), ("bidirectional", 6, 5, True),
-                                ("zigzag", 6, 5, False), ("cross", 1, 1, False)):
-        packed, lay, got = _route_plan_host(route, h, w, False)
-        assert got == affine, (route, h, w)
-        maps = packed[:len(lay) * h * w].view(len(lay), h * w).long()
-        if affine:   # what the kernels then compute: first position + step * l
-            assert torch.equal(maps, maps[:, :1] + (maps[:, 1:2] - maps[:, :1]) * torch.arange(h * w))
+# the kernels compute positions instead of loading the map: from the first two entries where every direction's map
+# (in its read layout) is an arithmetic progression (the cross route channel first, bidirectional), else from each
+# chunk's (first, step) where every chunk is one (the cross route channels last where the chunk length divides the
+# column, zigzag rows of a width the chunk divides); not chunks across a turn, random maps or one-position images
+def test_route_maps_affine_or_in_lines():
+    from vm_unet.kernels.triton_ss2d import _route_plan_host, chunk_lines
+    for route, h, w, bl, transpose, mode in (
+            ("cross", 6, 5, 8, True, "affine"), ("cross", 8, 4, 4, False, "lines"),
+            ("cross", 6, 4, 4, False, "gather"),
+            ("cross", 1, 7, 4, False, "affine"), ("bidirectional", 6, 5, 4, False, "affine"),
+            ("zigzag", 4, 8, 4, False, "lines"), ("zigzag", 6, 4, 8, True, "gather"), ("cross", 1, 1, 1, True, "gather")):
+        packed, lay, got = _route_plan_host(route, h, w, transpose, bl, False)
+        assert got == mode, (route, h, w, bl, transpose)
+        k, L = len(lay), h * w
+        maps = packed[:k * L].view(k, L).long()
+        l = torch.arange(L)
+        if mode == "affine":   # what the kernels then compute: first position + step * l
+            assert packed.numel() == k * L + k
+            assert torch.equal(maps, maps[:, :1] + (maps[:, 1:2] - maps[:, :1]) * l)
+        if mode == "lines":   # the chunk's first position + step * row, for every valid row
+            lines = packed[k * L + k:].view(k, -1, 2).long()
+            assert torch.equal(maps, lines[:, l // bl, 0] + lines[:, l // bl, 1] * (l % bl)), (route, h, w, bl)
+    assert chunk_lines(torch.stack([torch.randperm(12), torch.arange(12)]), 4) is None
 
 
 @cpu_only
@@ -494,10 +543,15 @@ def test_opcheck_fake_and_autograd_registration():
     from torch.library import opcheck
     args = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32)
     from vm_unet.kernels.triton_ss2d import _route_plan
-    _, _, lay, _ = _route_plan("cross", 2, 3, "cpu")
-    assert lay == (0, 1, 0, 1)  # column routes read the transposed copy
-    opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args, "cross", None, True),
-            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    lay = _route_plan("cross", 2, 3, "cpu", True, 4)[2]
+    assert lay == (0, 1, 0, 1)  # column routes read the transposed copy (channel first)
+    assert _route_plan("cross", 2, 3, "cpu", False, 4)[2] == (0, 0, 0, 0)
+    empty = torch.empty(0)
+    for inputs in (args, channels_last(args)):   # the fake impls give the real outputs' strides in both layouts
+        opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*inputs, "cross", None, True),
+                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        opcheck(torch.ops.vm_unet.ss2d_bwd.default, (torch.randn_like(inputs[0]), *inputs, "cross", None, empty,
+                                                     empty, empty), test_utils=("test_schema", "test_faketensor"))
     order = torch.stack([torch.randperm(6), torch.randperm(6)])[None]     # (b=1, K=2, L) per-sample map
     args2 = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32, k=2)
     opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args2, "", order, True),
