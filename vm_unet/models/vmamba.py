@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vm_unet.kernels import norm_gate, ss2d_core
+from vm_unet.kernels import channels_last_is_faster, norm_gate, ss2d_core
 from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
 
 
@@ -165,7 +165,8 @@ class SSMCore(nn.Module):
             p._no_weight_decay = True
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, D, H, W) contiguous -> merged scan output (B, D, H, W)."""
+        """x (B, D, H, W) -> merged scan output (B, D, H, W). x channels last (the VM-UNet block) keeps the whole
+        core channels last; contiguous x (the fast family) keeps it channel first (``kernels/triton_ss2d.py``)."""
         r, n = self.dt_rank, self.d_state
         route, plan = self.route, None
         if self.router is not None:
@@ -173,9 +174,15 @@ class SSMCore(nn.Module):
             route, x = plan.indices, plan.straight_through_in(x)
         b, d, h, w = x.shape
         k, c = self.x_proj_weight.shape[:2]
-        # x_proj as one GEMM, (K·c, D) @ (b, D, H·W), on x in its contiguous (b, D, H, W) layout: no permute copies
-        # (einsum chose a permuted operand); same math as einsum("bdhw,kcd->bkchw")
-        proj = torch.matmul(self.x_proj_weight.reshape(k * c, d), x.reshape(b, d, h * w)).view(b, k, c, h, w)
+        # x_proj as one GEMM on x as it is laid out, no permute copies (einsum chose a permuted operand); same math
+        # as einsum("bdhw,kcd->bkchw"). Channels last: (b, H·W, D) @ (D, K·c), each direction's dt_low/B/C then a
+        # slice of the (b, H, W, K, c) result, which the fused scan reads in place
+        weight = self.x_proj_weight.reshape(k * c, d)
+        if x.is_contiguous():
+            proj = torch.matmul(weight, x.reshape(b, d, h * w)).view(b, k, c, h, w)
+        else:
+            proj = torch.matmul(x.permute(0, 2, 3, 1).reshape(b, h * w, d), weight.t())
+            proj = proj.view(b, h, w, k, c).permute(0, 3, 4, 1, 2)
         dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
         # at least fp32 (the scan's state precision), float64 stays float64
         A = -torch.exp(self.A_logs.to(torch.promote_types(self.A_logs.dtype, torch.float32)))
@@ -207,8 +214,12 @@ class SS2D(SSMCore):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)
         x, z = xz.chunk(2, dim=-1)
-        # one copy to contiguous (b, D, H, W): the conv output, x_proj GEMM and scan kernel then all read it as is
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        # one copy, to a dense (b, D, H, W) in the layout the scan core runs fastest in: channels last in inference
+        # (N > 2), where the conv output, the x_proj GEMM, the scan kernels and y then all stay channels last with no
+        # transposes between them; channel first in training (``kernels.ss2d.channels_last_is_faster``)
+        cl = channels_last_is_faster(self.d_state, torch.is_grad_enabled())
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last if cl else torch.contiguous_format)))
         # out_norm(y.permute(0, 2, 3, 1)) * silu(z), fused in eager mode on GPUs (kernels/norm_gate.py)
         y = norm_gate(self.forward_core(x), z, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
         return self.dropout(self.out_proj(y))
