@@ -184,7 +184,7 @@ def _seq_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _position_major(b: int, k: int, c: int, h: int, w: int, **kw) -> torch.Tensor:
-    """A (b, K, c, H, W) tensor stored (b, H, W, K, c): how dB and dC are accumulated and returned channels last."""
+    """A (b, K, c, H, W) tensor stored (b, H, W, K, c): how dB and dC are returned channels last."""
     return torch.empty(b, h, w, k, c, **kw).permute(0, 3, 4, 1, 2)
 
 
@@ -459,9 +459,8 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     f32 = dict(device=x.device, dtype=torch.float32)
     dx, dx_strides = ops.out_buffer()
     ddt_dtype = _delta_grad_dtype(ops.lows)
-    # dB, dC accumulate with positions innermost in both layouts: channels last, (b, L, K, N) atomics measured 25%
-    # slower in the backward kernel (each warp's atomics then span twice the sectors), so they are transposed once
-    # on the way out (``_states_grad_out``)
+    # dB, dC accumulate with positions innermost in both layouts; channels last they are transposed in the cast on
+    # the way out (``_states_grad_out``). Accumulated (b, L, K, N) instead, the backward kernel measured the same
     dB, dC = torch.zeros(b, k, n, L, **f32), torch.zeros(b, k, n, L, **f32)
     if ops.feature_last:
         # dΔ (K, b, L, D): each (direction, image) one (L, D) matrix for its two GEMMs
