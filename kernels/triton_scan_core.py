@@ -692,9 +692,13 @@ class LaunchPlan:
         return (self.nblk * (self.nseg if segments is None else segments), slots, batch)
 
 
-def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: int) -> LaunchPlan:
+def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: int, feature_last: bool = False,
+                for_backward: bool = False) -> LaunchPlan:
     """Tiles and segments for one launch; rows = batch * slots. The chunk-start states of the backward depend on
-    BL and the segments, which both depend only on the shapes, so every launch of one backward agrees."""
+    BL and the segments, which both depend only on the shapes and the layout, so every launch of one backward
+    agrees. ``feature_last``: the operands are read channels last (``FEATURE_LAST``); ``for_backward``: a forward
+    whose chunk-start states serve a backward (a training forward, or the backward's states pass), which then
+    takes the backward's chunk length where the tiles differ only in it."""
     np_ = next_pow2(n_state)
     key = "bwd" if backward else "fwd"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -706,8 +710,15 @@ def launch_plan(n_state: int, length: int, channels: int, backward: bool, rows: 
         # the CPU interpreter pays per op and per program, not per element: few large tiles (still several
         # chunks and masked rows on the tiny test shapes, so the chunk carry and masks are exercised)
         bd, bl, warps = max(1, min(16, next_pow2(channels))), max(1, min(16, next_pow2(length))), 4
+    elif np_ <= 2 and feature_last:
+        # one channel a lane, 32 consecutive channels a program: each row of a tile is one 64-byte read, and the
+        # rows stay in registers (no cross-lane scan). Measured on H200 (BENCHMARKS.md, nineteenth session, 256²
+        # b32 bf16, vmunet_fast's stages): BL=32 the fastest forward, BL=16 the fastest backward and, states kept
+        # at that BL, the fastest training pair
+        bd, bl, warps = 32, (16 if backward or for_backward else 32), 1
     elif np_ <= 2:
-        # measured on H200 (BENCHMARKS.md, fused SS2D stage-1 256² b32, N=1): best fwd and fwd+bwd
+        # measured on H200 (BENCHMARKS.md, fused SS2D stage-1 256² b32, N=1): best fwd and fwd+bwd channel first
+        # (channels last this tile reads 8-byte runs and measured 2x slower)
         bd, bl, warps = 4, 64, 1
     else:
         # N=16 measured best (one warp, no cross-warp barriers; BENCHMARKS.md tile sweep): fwd BD=16, BL=8; bwd
@@ -877,7 +888,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
             # under the forward's tile where the states layout allows: its 16 channels a program replicate the
             # per-(position, channel) work (Δ, softplus) over 2 state lanes, not 4 (H200, eighteenth session,
             # stage 1 at 256² b32 bf16: states pass 0.96 -> 0.70 ms)
-            fplan = launch_plan(dims.n_state, dims.length, dims.channels, False, dims.batch * dims.slots)
+            fplan = launch_plan(dims.n_state, dims.length, dims.channels, False, dims.batch * dims.slots,
+                                flags.get("FEATURE_LAST", False), for_backward=True)
             scan_forward(prefix, dims, fplan if same_states_layout(fplan, plan) else plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,

@@ -359,23 +359,29 @@ def _delta_gemm(W: torch.Tensor, lows: torch.Tensor, feature_last: bool = False)
 
 
 # Chunk-start states stored by the forward spare the backward its states pass (one more forward-kernel run) when
-# they are small: NP/BL of x per direction, 1/64 at N=1 (vmunet_fast). At N=16 they would be 2x (0.8 GB per
-# stage-1 layer at 256² batch 32), so the backward recomputes them instead; when L is split into segments (long
-# sequences at small batch) the forward then keeps its segment end states (NP/(BL*CPS) of x, under 1%), so that
-# recomputation skips its own end-state pass.
+# they are small: NP/BL of x per direction, at N=1 (vmunet_fast) 1/16 channels last and 1/64 channel first. At N=16
+# they would be 2x (0.8 GB per stage-1 layer at 256² batch 32), so the backward recomputes them instead; when L is
+# split into segments (long sequences at small batch) the forward then keeps its segment end states (NP/(BL*CPS) of
+# x, under 1%), so that recomputation skips its own end-state pass.
 KEEP_STATES_MAX_RATIO = 1 / 16
 
 
-def _forward_plan(n: int, L: int, d: int, rows: int) -> core.LaunchPlan:
-    return core.launch_plan(n, L, d, backward=False, rows=rows)
+def _forward_plan(n: int, L: int, d: int, rows: int, feature_last: bool, training: bool) -> core.LaunchPlan:
+    """The forward's plan; ``training``: its states (or segment end states) are kept for a backward."""
+    return core.launch_plan(n, L, d, backward=False, rows=rows, feature_last=feature_last, for_backward=training)
 
 
-def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool) -> tuple[tuple, tuple, tuple]:
+def _backward_plan(n: int, L: int, d: int, rows: int, feature_last: bool) -> core.LaunchPlan:
+    return core.launch_plan(n, L, d, backward=True, rows=rows, feature_last=feature_last)
+
+
+def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool, feature_last: bool
+                 ) -> tuple[tuple, tuple, tuple]:
     """Shapes of the forward's extra outputs for the backward: chunk-start states, or else segment end states and
     ΣΔ (see ``KEEP_STATES_MAX_RATIO``); each empty when not kept."""
     empty = (0,)
-    fplan = _forward_plan(n, L, d, b * k)
-    bplan = core.launch_plan(n, L, d, backward=True, rows=b * k)
+    fplan = _forward_plan(n, L, d, b * k, feature_last, keep_states)
+    bplan = _backward_plan(n, L, d, b * k, feature_last)
     if not (keep_states and core.same_states_layout(fplan, bplan)):
         return empty, empty, empty
     if fplan.np / fplan.bl <= KEEP_STATES_MAX_RATIO:
@@ -394,11 +400,12 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     n, L = A.shape[1], h * w
-    plan = _forward_plan(n, L, d, b * k)
+    feature_last = _feature_last(x)
+    plan = _forward_plan(n, L, d, b * k, feature_last, keep_states)
     ops = _Operands(x, dt_low, B, C, route, order, plan.bl)
     prefix, flags = _input_args(ops, dt_weight.contiguous(), dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
-    shapes = _kept_shapes(b, k, d, L, n, keep_states)
+    shapes = _kept_shapes(b, k, d, L, n, keep_states, feature_last)
     f32 = dict(device=x.device, dtype=torch.float32)
     states = torch.empty(shapes[0], **f32)
     out, out_strides = ops.out_buffer()
@@ -411,7 +418,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
 @ss2d_fwd.register_fake
 def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, keep_states):
     b, d, h, w = x.shape
-    shapes = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states)
+    shapes = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states, _feature_last(x))
     return (_image_empty(b, d, h, w, _feature_last(x), dtype=x.dtype, device=x.device),
             *(x.new_empty(s, dtype=torch.float32) for s in shapes))
 
@@ -451,7 +458,8 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     n, L = A.shape[1], h * w
-    plan = core.launch_plan(n, L, d, backward=True, rows=b * k)
+    feature_last = _feature_last(x)
+    plan = _backward_plan(n, L, d, b * k, feature_last)
     ops = _Operands(x, dt_low, B, C, route, order, plan.bl)
     W = dt_weight.contiguous()
     prefix, flags = _input_args(ops, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
@@ -474,7 +482,8 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
         du=(dx, *dx_strides), atomic_du=True,
         ddt=(ddt, *ddt.stride()), dz=None, dB=(dB, *dB.stride()), dC=(dC, *dC.stride()),
         states=states if states.numel() else None,
-        seg_ends=(seg_hend, seg_sdl, _forward_plan(n, L, d, b * k)) if seg_hend.numel() else None)
+        seg_ends=((seg_hend, seg_sdl, _forward_plan(n, L, d, b * k, feature_last, True)) if seg_hend.numel()
+                  else None))
     lows = ops.lows.to(ddt.dtype)
     if ops.feature_last:
         # Δ_k = W_k @ low_k over all (b, l) of direction k: d low_k = dΔ_k W_k, d W_k = Σ_b dΔ_k,bᵀ low_k,b

@@ -222,6 +222,28 @@ def test_ss2d_channels_last_keeps_the_layout(monkeypatch):
     compare_ss2d([*mixed, *rest], "cross", 1e-5, monkeypatch=monkeypatch)
 
 
+# N=1 channels last at the GPU's tiles (one channel a lane, 32 channels a program, rows in registers): the training
+# forward and the backward share BL=16, so the forward keeps the chunk-start states; the inference forward (BL=32)
+# alone. 40 channels: one full block and one partial; odd H, W
+@cpu_only
+@pytest.mark.parametrize("grad", [True, False])
+def test_ss2d_n1_channels_last_at_the_gpu_tiles(grad, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    from vm_unet.kernels import triton_ss2d
+    tiles = {"fwd": (32, 16 if grad else 32, 1), "bwd": (32, 16, 1), "segments": 1}
+    monkeypatch.setattr(core, "TILE_OVERRIDE", tiles)
+    args = channels_last(ss2d_inputs(1, 40, 5, 7, 2, 1, torch.float32))
+    if grad:
+        assert triton_ss2d._kept_shapes(1, 4, 40, 35, 1, True, True)[0] != (0,)   # states kept: no states pass
+        compare_ss2d(args, "cross", 1e-5, monkeypatch=monkeypatch)
+    else:
+        with torch.no_grad():
+            y = ss2d_core_triton(*args)
+            monkeypatch.setenv("VM_UNET_BACKEND", "torch")
+            y_r = ss2d_core_reference(*[t.double() for t in args])
+        assert y.is_contiguous(memory_format=torch.channels_last) and rel(y, y_r) <= 1e-5
+
+
 # the layout copies around the kernels as tiled Triton transposes (the default from 8 M elements on), forced here
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -403,6 +425,27 @@ def test_forward_loads_ahead_under_a_register_cap(monkeypatch):
     assert not core._prefetch(n1) and "maxnreg" not in n1.launch_opts()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "maxnreg" not in core.launch_plan(16, 4096, 192, backward=False, rows=128).launch_opts()
+
+
+# N <= 2 channels last: one channel a lane (32 a program), BL=32 for inference and BL=16 for the backward and for a
+# forward whose states it keeps, so the two agree on the chunk-start states; channel first the (4, 64) tile
+def test_launch_plan_n1_channels_last(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    from vm_unet.kernels import triton_ss2d
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    infer = core.launch_plan(1, 4096, 96, backward=False, rows=128, feature_last=True)
+    train = core.launch_plan(1, 4096, 96, backward=False, rows=128, feature_last=True, for_backward=True)
+    bwd = core.launch_plan(1, 4096, 96, backward=True, rows=128, feature_last=True)
+    assert (infer.bd, infer.bl, infer.warps) == (32, 32, 1) and (bwd.bd, bwd.bl, bwd.warps) == (32, 16, 1)
+    assert core.same_states_layout(train, bwd) and not core.same_states_layout(infer, bwd)
+    assert core._unroll_rows(bwd) and core._poly_softplus(bwd) and not core._scatter(bwd)
+    cf = core.launch_plan(1, 4096, 96, backward=True, rows=128)
+    assert (cf.bd, cf.bl) == (4, 64)
+    assert core.launch_plan(16, 4096, 96, backward=True, rows=128, feature_last=True) == core.launch_plan(
+        16, 4096, 96, backward=True, rows=128)
+    states, _, _ = triton_ss2d._kept_shapes(32, 4, 96, 4096, 1, True, True)
+    assert states == (core.states_numel(32, 4, 96, train),)
 
 
 # the backward's dB/dC channel sums by reduce-scatter (BD <= BL; the interpreter swaps lanes logically) and by
