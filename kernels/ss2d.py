@@ -63,11 +63,13 @@ def ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross
 
 def channels_last_is_faster(d_state: int, needs_grad: bool) -> bool:
     """Whether the fused core runs faster given x channels last (and dt_low/B/C with their c axis innermost) than
-    channel first, as measured on an H200 (BENCHMARKS.md, eighteenth session, 256² batch 32, bf16): channels last the
-    forward needs no layout copies and its kernel is faster (stage 1 forward 1.26 -> 1.09 ms, stage 4 0.21 -> 0.14),
-    but the backward kernel is 25-70% slower (a program's cache lines then hold other programs' channels, where
-    channel first they hold its own next chunks), and at N <= 2 the forward's short channel runs make it 2x slower."""
-    return not needs_grad and d_state > 2
+    channel first, as measured on an H200 (BENCHMARKS.md, 256² batch 32, bf16). N > 2 (eighteenth session):
+    channels last the forward needs no layout copies and its kernel is faster (stage 1 forward 1.26 -> 1.09 ms,
+    stage 4 0.21 -> 0.14), but the backward kernel is 25-70% slower (a program's cache lines then hold other
+    programs' channels, where channel first they hold its own next chunks), so only without gradients. N <= 2
+    (nineteenth session, vmunet_fast's stages): one channel a lane, channels last is faster both ways (forward
+    -26% to -45%, forward+backward -7% to -36%)."""
+    return d_state <= 2 or not needs_grad
 
 
 def ss2d_core(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):

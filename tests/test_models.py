@@ -141,16 +141,16 @@ def _ss2d_published_forward(m, x):
     return m.out_proj(y)
 
 
-def _check_ss2d_optimised_equals_reference(device):
+def _check_ss2d_optimised_equals_reference(device, d_state):
     from vm_unet.models.vmamba import SS2D  # noqa: PLC0415
     torch.manual_seed(0)
-    m = SS2D(16, d_state=4).to(device)
+    m = SS2D(16, d_state=d_state).to(device)
     x = torch.randn(2, 5, 7, 16, device=device, requires_grad=True)
     out = m(x)
     xr = x.detach().clone().requires_grad_(True)
     ref = _ss2d_published_forward(m, xr)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():   # no gradient needed: the block runs channels last (another x_proj GEMM, other strides)
+    with torch.no_grad():   # without gradients the block runs channels last (another x_proj GEMM, other strides)
         assert torch.allclose(m(x), ref, rtol=1e-4, atol=1e-5)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, *m.parameters()], g)
@@ -159,15 +159,34 @@ def _check_ss2d_optimised_equals_reference(device):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_ss2d_optimised_path_equals_published_formulation():
-    _check_ss2d_optimised_equals_reference("cpu")
+# d_state 4: channel first with gradients, channels last without; d_state 1: channels last both ways
+@pytest.mark.parametrize("d_state", [4, 1])
+def test_ss2d_optimised_path_equals_published_formulation(d_state):
+    _check_ss2d_optimised_equals_reference("cpu", d_state)
 
 
 @pytest.mark.gpu
-def test_gpu_ss2d_optimised_path_equals_published_formulation():
+@pytest.mark.parametrize("d_state", [4, 1])
+def test_gpu_ss2d_optimised_path_equals_published_formulation(d_state):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    _check_ss2d_optimised_equals_reference("cuda")
+    _check_ss2d_optimised_equals_reference("cuda", d_state)
+
+
+# the scan core's input layout, as kernels.ss2d.channels_last_is_faster measured it: channels last in inference, and in
+# training too at d_state <= 2; dense either way, whatever the strides of the conv's input
+@pytest.mark.parametrize("block", ["SS2D", "SS2DFast"])
+def test_scan_input_layout_follows_the_measured_rule(block):
+    from vm_unet.models import vmamba, vmamba_fast  # noqa: PLC0415
+    cls = getattr(vmamba, block, None) or getattr(vmamba_fast, block)
+    for d_state, grad, last in ((16, True, False), (16, False, True), (1, True, True), (1, False, True)):
+        m = cls(16, d_state=d_state)
+        x = torch.randn(2, 7, 5, 2 * m.d_inner)[..., ::2].permute(0, 3, 1, 2)   # (B, D, H, W), neither layout dense
+        with torch.set_grad_enabled(grad):
+            out = m.conv_act(x)
+        fmt = torch.channels_last if last else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous(
+            memory_format=torch.contiguous_format if last else torch.channels_last), (block, d_state, grad)
 
 
 @pytest.mark.parametrize("name", ["vmunet_isic", "vmunet_fast"])

@@ -146,7 +146,8 @@ class QuadtreePlan:
 
 class SSMCore(nn.Module):
     """The scan half both SS2D variants share: per-direction projections and SSM parameters (published names and
-    mamba init), the route (with a ``QuadtreeRouter`` for data-dependent routes) and ``forward_core``."""
+    mamba init), the route (with a ``QuadtreeRouter`` for data-dependent routes), ``conv_act`` (the layout of the
+    subclass's ``conv2d`` output) and ``forward_core``."""
 
     def _init_ssm(self, d_model: int, d_inner: int, d_state: int, dt_rank: int | str, route: str) -> None:
         self.d_inner, self.d_state, self.route = d_inner, d_state, route
@@ -164,9 +165,23 @@ class SSMCore(nn.Module):
         for p in (self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds):
             p._no_weight_decay = True
 
+    def conv_act(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(conv2d(x)) for x (B, D, H, W) of any strides, dense in the layout the scan core runs fastest in
+        (``kernels.ss2d.channels_last_is_faster``). Channels last, the conv output, the x_proj GEMM, the scan kernels
+        and y all stay channels last with no transposes between them. With gradients the conv runs channel first
+        and its output is converted after: on a channels-last input it would return its weight's gradient in other
+        strides than the parameter's, which DDP then copies into its buckets every step."""
+        grad = torch.is_grad_enabled()
+        if not channels_last_is_faster(self.d_state, grad):
+            return F.silu(self.conv2d(x.contiguous()))
+        if not grad:
+            return F.silu(self.conv2d(x.contiguous(memory_format=torch.channels_last)))
+        return F.silu(self.conv2d(x.contiguous())).contiguous(memory_format=torch.channels_last)
+
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, D, H, W) -> merged scan output (B, D, H, W). x channels last (the VM-UNet block) keeps the whole
-        core channels last; contiguous x (the fast family) keeps it channel first (``kernels/triton_ss2d.py``)."""
+        """x (B, D, H, W) -> merged scan output (B, D, H, W). x channels last keeps the whole core channels last;
+        contiguous x keeps it channel first (``kernels/triton_ss2d.py``). The blocks pick the faster one
+        (``kernels.ss2d.channels_last_is_faster``)."""
         r, n = self.dt_rank, self.d_state
         route, plan = self.route, None
         if self.router is not None:
@@ -214,12 +229,7 @@ class SS2D(SSMCore):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x)
         x, z = xz.chunk(2, dim=-1)
-        # one copy, to a dense (b, D, H, W) in the layout the scan core runs fastest in: channels last in inference
-        # (N > 2), where the conv output, the x_proj GEMM, the scan kernels and y then all stay channels last with no
-        # transposes between them; channel first in training (``kernels.ss2d.channels_last_is_faster``)
-        cl = channels_last_is_faster(self.d_state, torch.is_grad_enabled())
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous(
-            memory_format=torch.channels_last if cl else torch.contiguous_format)))
+        x = self.conv_act(x.permute(0, 3, 1, 2))
         # out_norm(y.permute(0, 2, 3, 1)) * silu(z), fused in eager mode on GPUs (kernels/norm_gate.py)
         y = norm_gate(self.forward_core(x), z, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
         return self.dropout(self.out_proj(y))

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 from .vmamba import DropPath, SSMCore, StagedEncoder
 
 
@@ -40,8 +39,9 @@ class SS2DFast(SSMCore):
         self.out_proj = nn.Conv2d(d_inner, d_model, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.conv2d(self.in_proj(x)))
-        return self.out_proj(self.out_norm(self.forward_core(x)))
+        # channels last at d_state 1 (conv_act); out_norm then reads y in place, a LayerNorm over the innermost axis,
+        # and returns channel first
+        return self.out_proj(self.out_norm(self.forward_core(self.conv_act(self.in_proj(x)))))
 
 
 class VSSBlockFast(nn.Module):
