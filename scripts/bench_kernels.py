@@ -67,17 +67,26 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def make_inputs(b, d, hw, r, n, dtype, k=4, requires_grad=False):
+def make_inputs(b, d, hw, r, n, dtype, k=4, requires_grad=False, channels_last=False):
+    """Fused SS2D inputs. ``channels_last``: x channels last and dt_low/B/C with their c axis innermost, the layout
+    the VM-UNet blocks give the core in inference and at N <= 2 (``kernels.ss2d.channels_last_is_faster``)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = dict(device="cuda")
 
     def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
         return (torch.randn(*shape, generator=g, **dev) * scale + shift).to(dt)
 
+    def image(c, scale=1.0):   # (b, k, c, H, W) in either layout
+        if channels_last:
+            return rnd(b, hw, hw, k, c, scale=scale).permute(0, 3, 4, 1, 2)
+        return rnd(b, k, c, hw, hw, scale=scale)
+
     x = rnd(b, d, hw, hw)
-    low = rnd(b, k, r, hw, hw, scale=0.5)
-    B = rnd(b, k, n, hw, hw)
-    C = rnd(b, k, n, hw, hw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    low = image(r, scale=0.5)
+    B = image(n)
+    C = image(n)
     W = rnd(k, d, r, scale=r ** -0.5, dt=torch.float32)
     bias = torch.log(torch.expm1(torch.exp(torch.rand(k, d, generator=g, **dev) * (math.log(0.1) - math.log(1e-3))
                                            + math.log(1e-3))))  # mamba dt init
@@ -133,14 +142,15 @@ def time_published_cross(b, d, hw, dtype):
     return fwd, fb
 
 
-def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref):
-    row = {"shape": name, "batch": b, "D": d, "L": hw * hw, "R": r, "N": n, "dtype": str(dtype).split(".")[-1]}
-    args = make_inputs(b, d, hw, r, n, dtype)
+def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref, channels_last=False):
+    row = {"shape": name, "batch": b, "D": d, "L": hw * hw, "R": r, "N": n, "dtype": str(dtype).split(".")[-1],
+           "layout": "channels_last" if channels_last else "channel_first"}
+    args = make_inputs(b, d, hw, r, n, dtype, channels_last=channels_last)
     ms = do_bench(lambda: ss2d_core_triton(*args), warmup=25, rep=200, return_mode="median")
     row["fused_fwd_ms"] = ms
     row["fused_fwd_GBs"] = fused_bytes(b, d, hw, r, n, dtype) / ms / 1e6
     row["fused_fwd_pct_copy"] = 100 * row["fused_fwd_GBs"] / copy_gbs
-    gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
+    gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True, channels_last=channels_last)
     row["fused_fwdbwd_ms"] = time_fwd_bwd(ss2d_core_triton, gargs)
     if with_ref:
         os.environ["VM_UNET_BACKEND"] = "triton"  # unfused: torch route copies + our Triton scan + torch merge
@@ -388,6 +398,8 @@ def main():
     p.add_argument("--gpu-time", action="store_true",
                    help="--against: device time from the profiler (with the scan kernels' shares), not wall time")
     p.add_argument("--no-table", action="store_true", help="skip the main table")
+    p.add_argument("--channels-last", action="store_true",
+                   help="main table with the inputs channels last (the blocks' layout in inference and at N <= 2)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     shape_names = "all" if a.shapes == "all" else a.shapes.split(",")
@@ -425,7 +437,8 @@ def main():
     for name, b, d, hw, r in named_shapes(shape_names):
         for n in (16, 1):
             for dtype in (torch.float32, torch.bfloat16):
-                row = bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref=name.endswith("-256"))
+                row = bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref=name.endswith("-256"),
+                                  channels_last=a.channels_last)
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
