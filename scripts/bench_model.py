@@ -5,19 +5,41 @@ Examples:
     python scripts/bench_model.py --device cuda --sizes 256 1024 2048 --batches 32 2 1
     python scripts/bench_model.py --device cpu --models vmunet_isic swinunetr --sizes 256 --batches 1
     python scripts/bench_model.py --replot results.json        # redraw results.png from a saved run
+
+With --out, the JSON is rewritten after every measured row, so a run that is cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
+import vm_unet
 from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, load_results, measure, plot_results
+
+
+def _versions() -> str:
+    try:
+        triton = f", triton {metadata.version('triton')}"
+    except metadata.PackageNotFoundError:
+        triton = ""
+    return f"torch {torch.__version__}{triton}"
+
+
+def _save(path: Path, device: str, results: list) -> None:
+    """The results so far, replaced atomically: a long run that is cut short keeps the rows it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"device": device, "date": str(date.today()), "results": as_dicts(results)},
+                              indent=2))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {png}")
         return 0
 
+    unknown = [m for m in args.models if m not in (*vm_unet.list_models(), *PEERS)]
+    if unknown:
+        print(f"error: unknown model {unknown[0]!r}; ours: {', '.join(vm_unet.list_models())}; peers: "
+              f"{', '.join(PEERS)}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -82,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(r)
             print(format_table([r]).splitlines()[-1], flush=True)
+            if args.out:
+                _save(args.out, f"{name} ({_versions()})", results)
     if args.profile:
         from vm_unet.benchmark import profile_train_step  # noqa: PLC0415
         args.profile.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "date": str(date.today()), "results": as_dicts(results)},
-                                       indent=2))
+        _save(args.out, f"{name} ({_versions()})", results)
         plot_results(results, args.out.with_suffix(".png"), title=f"{name} · {date.today()}")
     return 0
 

@@ -98,6 +98,37 @@ def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
     assert err.strip() == "error: --cuda-graphs needs --device cuda"
 
 
+def test_bench_model_rejects_an_unknown_model_in_one_line(tmp_path, capsys):
+    script = _load_script()
+    assert script.main(["--device", "cpu", "--models", "vmunet_isic", "smp_unet", "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'smp_unet'") and "smp_unet_r34" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())   # refused before measuring anything
+
+
+def test_bench_model_saves_each_row_as_it_goes(tmp_path, monkeypatch):
+    """With ``--out`` the JSON holds every row measured so far (a run cut short keeps them), with the versions that
+    measured them; the plot comes at the end."""
+    script = _load_script()
+    out = tmp_path / "run.json"
+    on_disk = []
+    real = script.measure
+
+    def measure(name, *args, **kwargs):
+        on_disk.append([r["model"] for r in json.loads(out.read_text())["results"]] if out.exists() else [])
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(script, "measure", measure)
+    argv = ["--device", "cpu", "--models", "vmunet_isic", "vmunet_fast", "--sizes", "32", "--no-train",
+            "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    assert script.main(argv) == 0
+    assert on_disk == [[], ["vmunet_isic"]]
+    saved = json.loads(out.read_text())
+    assert [r["model"] for r in saved["results"]] == ["vmunet_isic", "vmunet_fast"]
+    assert f"torch {torch.__version__}" in saved["device"] and out.with_suffix(".png").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_bench_model_replot(tmp_path, capsys):
     """``--replot`` redraws a saved run (the committed plots under docs/benchmarks come from it); a file that is
     not a results JSON is a one-line error."""
