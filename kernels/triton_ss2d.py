@@ -192,12 +192,12 @@ def _states_grad_out(t: torch.Tensor, dtype: torch.dtype, h: int, w: int) -> tor
     """dB or dC accumulated (b, K, N, L) fp32 -> (b, K, N, H, W) in ``dtype``, stored (b, H, W, K, N) as B and C come
     channels last: one transposing cast."""
     b, k, n, L = t.shape
-    src = t.view(b, k * n, L)
+    out = _position_major(b, k, n, h, w, device=t.device, dtype=dtype)
     if _tiled(t):
-        out = transpose_last2(src, dtype=dtype)
+        transpose_last2(t.view(b, k * n, L), out=out.permute(0, 3, 4, 1, 2).view(b, L, k * n))
     else:
-        out = torch.empty(b, L, k * n, device=t.device, dtype=dtype).copy_(src.transpose(1, 2))
-    return out.view(b, h, w, k, n).permute(0, 3, 4, 1, 2)
+        out.copy_(t.view(b, k, n, h, w))
+    return out
 
 
 def _lowrank_grad_empty(b: int, k: int, r: int, h: int, w: int, **kw) -> torch.Tensor:
@@ -227,7 +227,8 @@ class _Operands:
     def image_out(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``."""
         if self.feature_last:
-            return acc.to(dtype).view(self.b, self.h, self.w, self.d).permute(0, 3, 1, 2)
+            out = _image_empty(self.b, self.d, self.h, self.w, True, device=acc.device, dtype=dtype)
+            return out.copy_(acc.view(self.b, self.h, self.w, self.d).permute(0, 3, 1, 2))
         return _merge_slots(acc, self.h, self.w, dtype)
 
     def out_buffer(self) -> tuple[torch.Tensor, tuple]:

@@ -247,11 +247,13 @@ def test_ss2d_n1_channels_last_at_the_gpu_tiles(grad, monkeypatch):
 # the layout copies around the kernels as tiled Triton transposes (the default from 8 M elements on), forced here
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ss2d_with_tiled_layout_copies(dtype, monkeypatch):
+@pytest.mark.parametrize("layout", ["channel_first", "channels_last"])
+def test_ss2d_with_tiled_layout_copies(dtype, layout, monkeypatch):
     from vm_unet.kernels import triton_ss2d
     monkeypatch.setitem(triton_ss2d.LAYOUT_OPTS, "triton_min_numel", 1)
-    compare_ss2d(ss2d_inputs(2, 5, 3, 7, 3, 16, dtype), "cross", 1e-5 if dtype == torch.float32 else 2e-2,
-                 monkeypatch=monkeypatch)
+    args = ss2d_inputs(2, 5, 3, 7, 3, 16, dtype)
+    compare_ss2d(channels_last(args) if layout == "channels_last" else args, "cross",
+                 1e-5 if dtype == torch.float32 else 2e-2, monkeypatch=monkeypatch)
 
 
 # Δ materialised by one GEMM (the default from rank 12 and d_state 8 on) instead of the in-kernel low-rank product:
