@@ -150,8 +150,12 @@ def _check_ss2d_optimised_equals_reference(device, d_state):
     xr = x.detach().clone().requires_grad_(True)
     ref = _ss2d_published_forward(m, xr)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():   # without gradients the block runs channels last (another x_proj GEMM, other strides)
+    with torch.no_grad():   # without gradients, on a GPU, the block runs channels last (another x_proj GEMM)
         assert torch.allclose(m(x), ref, rtol=1e-4, atol=1e-5)
+        xi = m.conv_act(m.in_proj(x).chunk(2, dim=-1)[0].permute(0, 3, 1, 2))
+        for layout in (torch.contiguous_format, torch.channels_last):   # both forward_core paths, on any device
+            assert torch.allclose(m.forward_core(xi.contiguous(memory_format=layout)), m.forward_core(xi),
+                                  rtol=1e-4, atol=1e-5)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, *m.parameters()], g)
     want = torch.autograd.grad(ref, [xr, *m.parameters()], g)
@@ -173,20 +177,26 @@ def test_gpu_ss2d_optimised_path_equals_published_formulation(d_state):
     _check_ss2d_optimised_equals_reference("cuda", d_state)
 
 
-# the scan core's input layout, as kernels.ss2d.channels_last_is_faster measured it: channels last in inference, and in
-# training too at d_state <= 2; dense either way, whatever the strides of the conv's input
+# the scan core's input layout, as kernels.ss2d.channels_last_is_faster measured the fused core: channels last in
+# inference, and in training too at d_state <= 2; channel first where the reference runs; dense either way, whatever
+# the strides of the conv's input
 @pytest.mark.parametrize("block", ["SS2D", "SS2DFast"])
-def test_scan_input_layout_follows_the_measured_rule(block):
+def test_scan_input_layout_follows_the_measured_rule(block, monkeypatch):
     from vm_unet.models import vmamba, vmamba_fast  # noqa: PLC0415
     cls = getattr(vmamba, block, None) or getattr(vmamba_fast, block)
-    for d_state, grad, last in ((16, True, False), (16, False, True), (1, True, True), (1, False, True)):
-        m = cls(16, d_state=d_state)
-        x = torch.randn(2, 7, 5, 2 * m.d_inner)[..., ::2].permute(0, 3, 1, 2)   # (B, D, H, W), neither layout dense
-        with torch.set_grad_enabled(grad):
-            out = m.conv_act(x)
-        fmt = torch.channels_last if last else torch.contiguous_format
-        assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous(
-            memory_format=torch.contiguous_format if last else torch.channels_last), (block, d_state, grad)
+    cases = [(1, False, False)]   # the reference path (CPU tensors, auto backend)
+    fused = [(16, True, False), (16, False, True), (1, True, True), (1, False, True)]
+    for triton_path, group in ((False, cases), (True, fused)):
+        if triton_path:   # the layout decision alone, as on a GPU; no kernel runs here
+            monkeypatch.setattr(vmamba, "use_triton", lambda *t: True)
+        for d_state, grad, last in group:
+            m = cls(16, d_state=d_state)
+            x = torch.randn(2, 7, 5, 2 * m.d_inner)[..., ::2].permute(0, 3, 1, 2)   # (B, D, H, W), neither dense
+            with torch.set_grad_enabled(grad):
+                out = m.conv_act(x)
+            fmt = torch.channels_last if last else torch.contiguous_format
+            assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous(
+                memory_format=torch.contiguous_format if last else torch.channels_last), (block, d_state, grad)
 
 
 @pytest.mark.parametrize("name", ["vmunet_isic", "vmunet_fast"])

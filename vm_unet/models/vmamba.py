@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vm_unet.kernels import channels_last_is_faster, norm_gate, ss2d_core
+from vm_unet.kernels import channels_last_is_faster, norm_gate, ss2d_core, use_triton
 from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
 
 
@@ -166,13 +166,14 @@ class SSMCore(nn.Module):
             p._no_weight_decay = True
 
     def conv_act(self, x: torch.Tensor) -> torch.Tensor:
-        """SiLU(conv2d(x)) for x (B, D, H, W) of any strides, dense in the layout the scan core runs fastest in
-        (``kernels.ss2d.channels_last_is_faster``). Channels last, the conv output, the x_proj GEMM, the scan kernels
-        and y all stay channels last with no transposes between them. With gradients the conv runs channel first
-        and its output is converted after: on a channels-last input it would return its weight's gradient in other
-        strides than the parameter's, which DDP then copies into its buckets every step."""
+        """SiLU(conv2d(x)) for x (B, D, H, W) of any strides, dense in the layout the fused scan core runs fastest in
+        (``kernels.ss2d.channels_last_is_faster``; channel first where the reference runs). Channels last, the conv
+        output, the x_proj GEMM, the scan kernels and y all stay channels last with no transposes between them. With
+        gradients the conv runs channel first and its output is converted after: on a channels-last input it would
+        return its weight's gradient in other strides than the parameter's, which DDP then copies into its buckets
+        every step."""
         grad = torch.is_grad_enabled()
-        if not channels_last_is_faster(self.d_state, grad):
+        if not (use_triton(x) and channels_last_is_faster(self.d_state, grad)):
             return F.silu(self.conv2d(x.contiguous()))
         if not grad:
             return F.silu(self.conv2d(x.contiguous(memory_format=torch.channels_last)))
