@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from datetime import date
@@ -21,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-import vm_unet
-from vm_unet.benchmark import OURS, PEERS, as_dicts, format_table, load_results, measure, plot_results
+from vm_unet.benchmark import (OURS, PEERS, as_dicts, format_table, known_models, load_results, measure,
+                               plot_results, unknown_model_message)
+from vm_unet.inference.io import atomic_output
 
 
 def _versions() -> str:
@@ -36,10 +36,9 @@ def _versions() -> str:
 def _save(path: Path, device: str, results: list) -> None:
     """The results so far, replaced atomically: a long run that is cut short keeps the rows it measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"device": device, "date": str(date.today()), "results": as_dicts(results)},
-                              indent=2))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps({"device": device, "date": str(date.today()), "results": as_dicts(results)},
+                                  indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {png}")
         return 0
 
-    unknown = [m for m in args.models if m not in (*vm_unet.list_models(), *PEERS)]
+    unknown = [m for m in args.models if m not in known_models()]
     if unknown:
-        print(f"error: unknown model {unknown[0]!r}; ours: {', '.join(vm_unet.list_models())}; peers: "
-              f"{', '.join(PEERS)}", file=sys.stderr)
+        print(f"error: {unknown_model_message(unknown[0])}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -95,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give one --batches value per --sizes value", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    described = f"{name} ({_versions()})"   # the results JSON's device: what measured them
     print(f"# {date.today()} · {name} · torch {torch.__version__} · threads {torch.get_num_threads()}", flush=True)
 
     results = []
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(format_table([r]).splitlines()[-1], flush=True)
             if args.out:
-                _save(args.out, f"{name} ({_versions()})", results)
+                _save(args.out, described, results)
     if args.profile:
         from vm_unet.benchmark import profile_train_step  # noqa: PLC0415
         args.profile.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     if args.out:
-        _save(args.out, f"{name} ({_versions()})", results)
+        _save(args.out, described, results)
         plot_results(results, args.out.with_suffix(".png"), title=f"{name} · {date.today()}")
     return 0
 

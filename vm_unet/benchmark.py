@@ -35,6 +35,15 @@ class Result:
     note: str = ""
 
 
+def known_models() -> tuple[str, ...]:
+    """Names ``build_model`` takes: our registered models, then the peers."""
+    return (*vm_unet.list_models(), *PEERS)
+
+
+def unknown_model_message(name: str) -> str:
+    return f"unknown model {name!r}; ours: {', '.join(vm_unet.list_models())}; peers: {', '.join(PEERS)}"
+
+
 def build_model(name: str, in_chans: int = 3, num_classes: int = 1) -> nn.Module:
     """One of our registered models or a peer; peers raise ImportError when their library is missing."""
     if name in vm_unet.list_models():
@@ -49,8 +58,7 @@ def build_model(name: str, in_chans: int = 3, num_classes: int = 1) -> nn.Module
     if name == "smp_unet_r34":
         import segmentation_models_pytorch as smp  # noqa: PLC0415
         return smp.Unet("resnet34", encoder_weights=None, in_channels=in_chans, classes=num_classes)
-    raise KeyError(f"unknown benchmark model {name!r}; ours: {', '.join(vm_unet.list_models())}; peers: "
-                   f"{', '.join(PEERS)}")
+    raise KeyError(unknown_model_message(name))
 
 
 def _timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
