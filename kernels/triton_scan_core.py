@@ -311,6 +311,20 @@ def _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bia
 
 
 @triton.jit
+def _lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP: tl.constexpr):
+    """The chunk's low-rank Δ factors as one [RP, BL] tile (ranks from R on read as 0), fp32."""
+    r = tl.arange(0, RP)
+    return tl.load(dt_base + r[:, None] * s_td + pos[None, :] * s_tl, mask=(r < R)[:, None] & lmask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _lowrank_delta_pre(lo, wt, bias):
+    """Δ + δ_bias before softplus, [BL, BD], from factors ``lo`` [RP, BL] and weights ``wt`` [RP, BD]."""
+    return tl.sum(lo[:, :, None] * wt[:, None, :], axis=0) + bias[None, :]
+
+
+@triton.jit
 def _delta(pre, mask, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, POLY: tl.constexpr):
     # POLY: the polynomial softplus (forward kernel, N=1 backward) or the libm one (N=16 backward), see _softplus_libm
     if SOFTPLUS:
@@ -352,19 +366,23 @@ def _program_tile(kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSE
 
 @triton.jit
 def _chunk_tiles(u_base, B_base, C_base, dt_base, pos, lmask, d, dmask, n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn,
-                 s_tl, s_td, LOWRANK: tl.constexpr, WITH_C: tl.constexpr, POS_LAST: tl.constexpr):
-    """The forward's tiles of one chunk at positions ``pos``: u, B, C (``WITH_C``) and Δ when materialised (not
-    ``LOWRANK``); a tile not read is returned as a placeholder."""
+                 s_tl, s_td, R, LOWRANK: tl.constexpr, WITH_C: tl.constexpr, POS_LAST: tl.constexpr,
+                 RP: tl.constexpr):
+    """The forward's tiles of one chunk at positions ``pos``: u, B, C (``WITH_C``), and Δ when materialised (not
+    ``LOWRANK``) or its low-rank factors as one tile (``RP`` > 0, ranks padded to RP); a tile not read is returned
+    as a placeholder."""
     u = _load_tile(u_base, pos, lmask, d, dmask, s_ul, s_ud, POS_LAST)
     Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
     if WITH_C:
         Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
     else:
         Ct = Bt
-    if LOWRANK:
-        t = u
-    else:
+    if not LOWRANK:
         t = _load_tile(dt_base, pos, lmask, d, dmask, s_tl, s_td, POS_LAST)
+    elif RP > 0:
+        t = _lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP)
+    else:
+        t = u
     return u, Bt, Ct, t
 
 
@@ -399,7 +417,7 @@ def _scan_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
-    FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr,
+    FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr, RP: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -432,6 +450,11 @@ def _scan_fwd_kernel(
     sdl = tl.zeros([BD], dtype=tl.float32)
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
+    if RP > 0:
+        # the low-rank weights of this program's channels, [RP, BD], read once
+        rr = tl.arange(0, RP)
+        wt = tl.load(w_base + d[None, :] * s_wd + rr[:, None], mask=(rr < R)[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
     if PREFETCH:
         # loads run ahead of the math, which otherwise waits on them at every chunk (the kernel is bound by memory
         # latency, not by its instructions): the route map two chunks ahead, the tiles of u, B, C (and of a
@@ -442,8 +465,8 @@ def _scan_fwd_kernel(
         p_nxt = _positions(idx_base, line_base, c0 + 1, l0 + BL, l0 + BL < lim, NCHUNK, BL, GATHER, AFFINE, LINES,
                            p0, dp)
         u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_cur, l0 < lim, d, dmask,
-                                              n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
-                                              LOWRANK, WRITE_OUT, POS_LAST)
+                                              n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td, R,
+                                              LOWRANK, WRITE_OUT, POS_LAST, RP)
     for c in range(c0, c1):
         if STORE_STATES:
             tl.store(st_base + c * NP, h, mask=dmask[None, :])
@@ -452,8 +475,8 @@ def _scan_fwd_kernel(
         if PREFETCH:
             pos, u, Bt, Ct, t = p_cur, u_nx, B_nx, C_nx, t_nx
             u_nx, B_nx, C_nx, t_nx = _chunk_tiles(u_base, B_base, C_base, dt_base, p_nxt, l + BL < lim, d, dmask,
-                                                  n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td,
-                                                  LOWRANK, WRITE_OUT, POS_LAST)
+                                                  n, nmask, s_ul, s_ud, s_Bl, s_Bn, s_Cl, s_Cn, s_tl, s_td, R,
+                                                  LOWRANK, WRITE_OUT, POS_LAST, RP)
             p_cur = p_nxt
             p_nxt = _positions(idx_base, line_base, c + 2, l + 2 * BL, l + 2 * BL < lim, NCHUNK, BL, GATHER,
                                AFFINE, LINES, p0, dp)
@@ -464,6 +487,10 @@ def _scan_fwd_kernel(
         m2 = lmask[:, None] & dmask[None, :]
         if PREFETCH and not LOWRANK:
             pre = t + bias[None, :]
+        elif RP > 0:
+            if not PREFETCH:
+                t = _lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP)
+            pre = _lowrank_delta_pre(t, wt, bias)
         else:
             pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                                POS_LAST)
@@ -520,7 +547,7 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
-    UNROLL: tl.constexpr, POLY: tl.constexpr,
+    UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -552,6 +579,10 @@ def _scan_bwd_kernel(
         Dv = tl.zeros([BD], dtype=tl.float32)
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
+    if RP > 0:
+        rr = tl.arange(0, RP)
+        wt = tl.load(w_base + d[None, :] * s_wd + rr[:, None], mask=(rr < R)[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
     # carry: a·dh at the first position of the chunk after this one. Past the segment's end it is
     # G = Σ over later segments of their decayed q.
     carry = tl.zeros([NP, BD], dtype=tl.float32)
@@ -579,8 +610,11 @@ def _scan_bwd_kernel(
         pos_next = _positions(idx_base, line_base, c - 1, l - BL, (l >= BL) & (l - BL < L), NCHUNK, BL, GATHER,
                               AFFINE, LINES, p0, dp)
         m2 = lmask[:, None] & dmask[None, :]
-        pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
-                           POS_LAST)
+        if RP > 0:
+            pre = _lowrank_delta_pre(_lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP), wt, bias)
+        else:
+            pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
+                               POS_LAST)
         dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, POLY)
         Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
@@ -795,6 +829,29 @@ def _prefetch(plan: LaunchPlan) -> bool:
     return plan.np > 1
 
 
+# Largest padded rank at which the kernels read the low-rank Δ factors as one tile (``_lowrank_tile``), by tile:
+# the N > 1 forward (which reads its tiles a chunk ahead) and the N <= 2 channels-last tile (forward and backward)
+LOWRANK_TILE_MAX = {"prefetch": 8, "small_state_channels_last": 16}
+
+
+def _lowrank_tile(plan: LaunchPlan, rank: int, flags: dict, backward: bool = False) -> int:
+    """``RP`` of a launch: the padded rank when the kernel reads the chunk's low-rank Δ factors as one [RP, BL] tile
+    (one load, the rank sum in registers; the N > 1 forward reads it a chunk ahead with its other tiles), or 0 for
+    one gathered load per rank and row, each address computed and each load waited on where the chunk runs.
+    Measured on H200 (BENCHMARKS.md, twentieth session, 256² b32 bf16): the N=16 forward at rank 6, stage 1 -8%
+    channel first and -20% channels last; the N=1 channels-last tile at ranks 6 and 12, forward and backward,
+    fwd+bwd -13 to -15%. Not kept: the N=16 backward (even, more spills), the N <= 2 channel-first tile (even), and
+    larger ranks, where Δ from one GEMM was faster (``triton_ss2d.DELTA_OPTS``)."""
+    if not flags.get("LOWRANK"):
+        return 0
+    rp = next_pow2(max(rank, 1))
+    if plan.np <= 2:
+        use = flags.get("FEATURE_LAST", False) and rp <= LOWRANK_TILE_MAX["small_state_channels_last"]
+    else:
+        use = not backward and _prefetch(plan) and rp <= LOWRANK_TILE_MAX["prefetch"]
+    return rp if use else 0
+
+
 def _scatter(plan: LaunchPlan) -> bool:
     """Whether the backward sums dB/dC over channels by reduce-scatter (``_sum_channels_store``). On a GPU only for
     the tile whose layout ``tests/kernel_compile_check.py`` verifies (channels on lanes 0-7, 4 state lanes, rows in
@@ -839,7 +896,7 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     else:
         seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
     common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags),
-                  PREFETCH=_prefetch(plan), **_kernel_flags(flags))
+                  PREFETCH=_prefetch(plan), RP=_lowrank_tile(plan, dims.rank, flags), **_kernel_flags(flags))
     if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
@@ -892,7 +949,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
                                 flags.get("FEATURE_LAST", False), for_backward=True)
             scan_forward(prefix, dims, fplan if same_states_layout(fplan, plan) else plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
-    common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du,
+    common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du, RP=_lowrank_tile(plan, dims.rank, flags, True),
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags), SCATTER=_scatter(plan),
                   UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan),
                   # computed positions measured slower in the N <= 2 backward (see _positions)

@@ -283,12 +283,22 @@ def _input_args(ops: _Operands, W, dt_bias, A, Ds) -> tuple[tuple, dict]:
 
 _FLAGS = dict(GATHER=True, LOWRANK=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_Z=False)
 
-# Δ in the kernel from the low-rank factors costs R FMAs and R gathered loads per position in each of the forward,
-# states and backward passes. From rank min_rank on (and for d_state >= min_state, where the scan's own work per
-# position is large enough that reading Δ costs less than the product), Δ = W_k @ low_k is one batched GEMM and the
-# kernels read it: measured on H200 (BENCHMARKS.md), N=16 fwd+bwd -7% at R=12, -17% at R=24, -45% at R=48, about
-# even at R=6 (+0.4 GB); N=1 (memory-bound) 11-16% slower at R >= 12.
-DELTA_OPTS = {"min_rank": 12, "min_state": 8}
+# Δ in the kernel from the low-rank factors costs R FMAs and R loads per position in each of the forward, states
+# and backward passes. From rank min_rank on (and for d_state >= min_state, where the scan's own work per position
+# is large enough that reading Δ costs less than the product), Δ = W_k @ low_k is one batched GEMM and the kernels
+# read it: measured on H200 (BENCHMARKS.md), N=16 fwd+bwd -7% at R=12, -17% at R=24, -45% at R=48, about even at
+# R=6 (+0.4 GB); N=1 channel first (memory-bound) 11-16% slower at R >= 12. Channels last, the GEMM is taken at any
+# d_state from rank channels_last_min_rank on, past the ranks whose factors the kernels read as one tile
+# (``triton_scan_core._lowrank_tile``): twentieth session, N=1, fwd+bwd 0.744 -> 0.516 ms at R=24 and 0.682 ->
+# 0.335 ms at R=48 (the tile: 0.556 / 0.449), 256² b32 bf16.
+DELTA_OPTS = {"min_rank": 12, "min_state": 8, "channels_last_min_rank": 17}
+
+
+def _delta_from_gemm(rank: int, n_state: int, feature_last: bool) -> bool:
+    """Whether Δ is materialised by one GEMM rather than built in the kernels from the low-rank factors."""
+    if feature_last and rank >= DELTA_OPTS["channels_last_min_rank"]:
+        return True
+    return rank >= DELTA_OPTS["min_rank"] and n_state >= DELTA_OPTS["min_state"]
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -305,7 +315,7 @@ def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int, feature_la
                    ) -> tuple[tuple, dict]:
     """Kernel arguments for Δ (tensor and its 4 strides, W and its 2 strides) and the flags that go with them."""
     r = lows.shape[2]
-    if r < DELTA_OPTS["min_rank"] or n_state < DELTA_OPTS["min_state"]:
+    if not _delta_from_gemm(r, n_state, feature_last):
         return (lows, *lows.stride(), W, W.stride(0), W.stride(1)), _FLAGS
     delta = _delta_gemm(W, lows, feature_last)
     return (delta, *delta.stride(), W, 0, 0), dict(_FLAGS, LOWRANK=False)

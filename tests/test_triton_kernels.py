@@ -263,7 +263,7 @@ def test_ss2d_with_tiled_layout_copies(dtype, layout, monkeypatch):
 def test_ss2d_materialised_delta_matches_reference(dtype, segments, monkeypatch):
     from vm_unet.kernels import triton_scan_core as core
     from vm_unet.kernels import triton_ss2d
-    monkeypatch.setattr(triton_ss2d, "DELTA_OPTS", {"min_rank": 1, "min_state": 1})
+    monkeypatch.setattr(triton_ss2d, "DELTA_OPTS", {"min_rank": 1, "min_state": 1, "channels_last_min_rank": 1})
     if segments > 1:
         monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": segments})
     compare_ss2d(ss2d_inputs(2, 5, 3, 7, 3, 16, dtype), "cross", 1e-5 if dtype == torch.float32 else 2e-2,
@@ -281,7 +281,7 @@ def test_tiles_built_either_way_match_reference(pos_last, monkeypatch):
     monkeypatch.setattr(core, "POS_LAST", pos_last)
     compare_scan(scan_inputs(2, 4, 19, 16, 2, torch.float32), softplus=True, tol=1e-5)
     compare_ss2d(ss2d_inputs(2, 5, 3, 7, 3, 16, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
-    monkeypatch.setattr(triton_ss2d, "DELTA_OPTS", {"min_rank": 1, "min_state": 1})
+    monkeypatch.setattr(triton_ss2d, "DELTA_OPTS", {"min_rank": 1, "min_state": 1, "channels_last_min_rank": 1})
     compare_ss2d(ss2d_inputs(1, 3, 5, 3, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
 
 
@@ -377,9 +377,11 @@ def test_dt_weight_grad_in_pieces_of_long_sequences(monkeypatch):
 
 def test_delta_materialised_only_where_measured_faster():
     from vm_unet.kernels.triton_ss2d import _delta_operand
-    for r, n, materialised in [(6, 16, False), (12, 16, True), (48, 16, True), (12, 1, False)]:
+    # (rank, d_state, materialised channel first, materialised channels last)
+    for r, n, *by_layout in [(6, 16, False, False), (12, 16, True, True), (48, 16, True, True),
+                             (12, 1, False, False), (24, 1, False, True)]:
         W, lows = torch.randn(4, 8, r), torch.randn(2, 4, r, 10)
-        for feature_last in (False, True):
+        for feature_last, materialised in zip((False, True), by_layout):
             src = lows.transpose(2, 3).contiguous().transpose(2, 3) if feature_last else lows
             args, flags = _delta_operand(src, W, n, feature_last)
             assert flags["LOWRANK"] is not materialised
@@ -411,6 +413,42 @@ def test_launch_plan_segments_only_when_the_grid_is_small(monkeypatch):
     long = core.launch_plan(16, 512 * 512, 192, backward=True, rows=1 * 4)
     assert long.nseg > 1 and long.nblk * long.nseg * 4 >= core.SEGMENT_OPTS["target_programs"]
     assert long.cps >= core.SEGMENT_OPTS["min_chunks"] and (long.nseg - 1) * long.cps < long.nchunk
+
+
+# the kernels read the low-rank Δ factors as one tile where measured faster: the N > 1 forward up to rank 8, the N <= 2
+# channels-last tile (forward and backward) up to rank 16; per rank elsewhere, and never for a materialised Δ
+def test_lowrank_factors_as_one_tile_where_measured(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    low, cl, gemm = dict(LOWRANK=True), dict(LOWRANK=True, FEATURE_LAST=True), dict(LOWRANK=False)
+
+    def rp(n, r, flags, backward):
+        plan = core.launch_plan(n, 4096, 192, backward, rows=128, feature_last=flags.get("FEATURE_LAST", False))
+        return core._lowrank_tile(plan, r, flags, backward)
+    assert rp(16, 6, low, False) == 8 and rp(16, 3, cl, False) == 4
+    assert rp(16, 6, low, True) == 0 and rp(16, 12, low, False) == 0 and rp(16, 6, gemm, False) == 0
+    assert rp(1, 6, cl, False) == 8 and rp(1, 12, cl, True) == 16 and rp(1, 24, cl, False) == 0
+    assert rp(1, 6, low, False) == 0 and rp(1, 6, low, True) == 0
+
+
+# both ways of reading the low-rank factors give the reference's outputs and gradients: one [RP, BL] tile (ranks past
+# R masked: R=5 -> RP=8) or one load per rank (forced with LOWRANK_TILE_MAX 0), N=16 (the forward reads ahead) and
+# N=1 channels last (forward and backward), L in two segments
+@cpu_only
+@pytest.mark.parametrize("tile", [True, False])
+@pytest.mark.parametrize("n,layout", [(16, "channel_first"), (1, "channels_last")])
+def test_lowrank_factors_tile_or_per_rank(tile, n, layout, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (4, 4, 1), "bwd": (4, 4, 1), "segments": 2})
+    taken = []
+    real = core._lowrank_tile
+    monkeypatch.setattr(core, "_lowrank_tile", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    if not tile:
+        monkeypatch.setattr(core, "LOWRANK_TILE_MAX", {key: 0 for key in core.LOWRANK_TILE_MAX})
+    args = ss2d_inputs(1, 6, 3, 5, 5, n, torch.float32)
+    compare_ss2d(channels_last(args) if layout == "channels_last" else args, "cross", 1e-5, monkeypatch=monkeypatch)
+    assert (8 in taken) is tile and (0 in taken) is (not tile or n > 1)   # the N=16 backward reads per rank
 
 
 # the forward reads a chunk ahead (N > 1) under a register cap, the measured configuration; N=1 and the backward's
