@@ -547,7 +547,7 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
-    UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr,
+    UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr, LR_AHEAD: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -600,6 +600,8 @@ def _scan_bwd_kernel(
     c1 = tl.minimum(c0 + CPS, NCHUNK)
     pos_next = _positions(idx_base, line_base, c1 - 1, (c1 - 1) * BL + j, (c1 - 1) * BL + j < L, NCHUNK, BL,
                           GATHER, AFFINE, LINES, p0, dp)
+    if LR_AHEAD:
+        lo_next = _lowrank_factors(dt_base, pos_next, (c1 - 1) * BL + j < L, R, s_td, s_tl, RP)
     for ci in range(0, c1 - c0):
         c = c1 - 1 - ci
         l = c * BL + j
@@ -611,7 +613,12 @@ def _scan_bwd_kernel(
                               AFFINE, LINES, p0, dp)
         m2 = lmask[:, None] & dmask[None, :]
         if RP > 0:
-            pre = _lowrank_delta_pre(_lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP), wt, bias)
+            if LR_AHEAD:   # the factors' tile read with the positions, a chunk ahead
+                lo = lo_next
+                lo_next = _lowrank_factors(dt_base, pos_next, (l >= BL) & (l - BL < L), R, s_td, s_tl, RP)
+            else:
+                lo = _lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP)
+            pre = _lowrank_delta_pre(lo, wt, bias)
         else:
             pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                                POS_LAST)
@@ -830,26 +837,32 @@ def _prefetch(plan: LaunchPlan) -> bool:
 
 
 # Largest padded rank at which the kernels read the low-rank Δ factors as one tile (``_lowrank_tile``), by tile:
-# the N > 1 forward (which reads its tiles a chunk ahead) and the N <= 2 channels-last tile (forward and backward)
-LOWRANK_TILE_MAX = {"prefetch": 8, "small_state_channels_last": 16}
+# N > 2 (where both kernels read the tile a chunk ahead) and the N <= 2 channels-last tile
+LOWRANK_TILE_MAX = {"ahead": 8, "small_state_channels_last": 16}
 
 
-def _lowrank_tile(plan: LaunchPlan, rank: int, flags: dict, backward: bool = False) -> int:
+def _lowrank_tile(plan: LaunchPlan, rank: int, flags: dict) -> int:
     """``RP`` of a launch: the padded rank when the kernel reads the chunk's low-rank Δ factors as one [RP, BL] tile
-    (one load, the rank sum in registers; the N > 1 forward reads it a chunk ahead with its other tiles), or 0 for
-    one gathered load per rank and row, each address computed and each load waited on where the chunk runs.
-    Measured on H200 (BENCHMARKS.md, twentieth session, 256² b32 bf16): the N=16 forward at rank 6, stage 1 -8%
-    channel first and -20% channels last; the N=1 channels-last tile at ranks 6 and 12, forward and backward,
-    fwd+bwd -13 to -15%. Not kept: the N=16 backward (even, more spills), the N <= 2 channel-first tile (even), and
-    larger ranks, where Δ from one GEMM was faster (``triton_ss2d.DELTA_OPTS``)."""
+    (one load, the rank sum in registers), or 0 for one gathered load per rank and row, each address computed and
+    each load waited on where the chunk runs. N > 2 reads the tile a chunk ahead (``_lowrank_ahead``). Measured on
+    H200 (BENCHMARKS.md, twentieth session, 256² b32): N=16 at rank 6, stage-1 forward -8% channel first and -20%
+    channels last (bf16), backward kernel -1.4% bf16 and -4.6% fp32; the N=1 channels-last tile at ranks 6 and 12,
+    fwd+bwd -13 to -15% (bf16). Not kept: the N <= 2 channel-first tile (even), and larger ranks, where Δ from one
+    GEMM was faster (``triton_ss2d.DELTA_OPTS``)."""
     if not flags.get("LOWRANK"):
         return 0
     rp = next_pow2(max(rank, 1))
     if plan.np <= 2:
         use = flags.get("FEATURE_LAST", False) and rp <= LOWRANK_TILE_MAX["small_state_channels_last"]
     else:
-        use = not backward and _prefetch(plan) and rp <= LOWRANK_TILE_MAX["prefetch"]
+        use = rp <= LOWRANK_TILE_MAX["ahead"]
     return rp if use else 0
+
+
+def _lowrank_ahead(plan: LaunchPlan) -> bool:
+    """Whether the backward reads the factors' tile a chunk ahead (the forward does whenever it reads ahead,
+    ``_prefetch``): for N > 2; the N <= 2 channels-last backward measured 4% slower with it (more spills)."""
+    return plan.np > 2
 
 
 def _scatter(plan: LaunchPlan) -> bool:
@@ -949,7 +962,9 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
                                 flags.get("FEATURE_LAST", False), for_backward=True)
             scan_forward(prefix, dims, fplan if same_states_layout(fplan, plan) else plan, flags, states=states)
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
-    common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du, RP=_lowrank_tile(plan, dims.rank, flags, True),
+    rp = _lowrank_tile(plan, dims.rank, flags)
+    common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du, RP=rp,
+                  LR_AHEAD=rp > 0 and _lowrank_ahead(plan),
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags), SCATTER=_scatter(plan),
                   UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan),
                   # computed positions measured slower in the N <= 2 backward (see _positions)
