@@ -15,6 +15,8 @@ positions. The recurrence ``h_l = a_l h_{l-1} + b_l`` inside a chunk is an assoc
 needs no lane shuffles); the state is carried between chunks in registers. Slot k is the group (plain scan) or the
 direction (SS2D); the parameter channel is ``k * DK + d`` in both cases. The kernels wait on memory more than
 they compute, so the forward (N > 1) loads each chunk's tiles one chunk ahead, and both read the route map ahead.
+Built in the kernels, Δ's low-rank factors are read as one tile a chunk (``_lowrank_tile``), not one gathered load
+per rank and row.
 
 Segments (parallel over L). With few (batch, slot, channel-block) rows, e.g. one 2048² image, walking all of L
 per program leaves the GPU empty, so L is cut into NSEG segments of CPS chunks: a first pass (``SEG_END``) runs
@@ -457,8 +459,9 @@ def _scan_fwd_kernel(
                      other=0.0).to(tl.float32)
     if PREFETCH:
         # loads run ahead of the math, which otherwise waits on them at every chunk (the kernel is bound by memory
-        # latency, not by its instructions): the route map two chunks ahead, the tiles of u, B, C (and of a
-        # materialised Δ) one chunk ahead, so no load waits on the map and their latency overlaps a chunk's scan
+        # latency, not by its instructions): the route map two chunks ahead, the tiles of u, B, C and of Δ (or of
+        # its low-rank factors, ``RP``) one chunk ahead, so no load waits on the map and their latency overlaps a
+        # chunk's scan
         lim = tl.minimum(c1 * BL, L)   # end of this program's positions
         l0 = c0 * BL + j
         p_cur = _positions(idx_base, line_base, c0, l0, l0 < lim, NCHUNK, BL, GATHER, AFFINE, LINES, p0, dp)
