@@ -321,6 +321,15 @@ def _lowrank_factors(dt_base, pos, lmask, R, s_td, s_tl, RP: tl.constexpr):
 
 
 @triton.jit
+def _lowrank_weights(w_base, d, dmask, R, s_wd, RP: tl.constexpr):
+    """The low-rank weights of this program's channels as one [RP, BD] tile (ranks from R on read as 0), fp32: read
+    once a program by the kernels that take the factors as a tile."""
+    r = tl.arange(0, RP)
+    return tl.load(w_base + d[None, :] * s_wd + r[:, None], mask=(r < R)[:, None] & dmask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _lowrank_delta_pre(lo, wt, bias):
     """Δ + δ_bias before softplus, [BL, BD], from factors ``lo`` [RP, BL] and weights ``wt`` [RP, BD]."""
     return tl.sum(lo[:, :, None] * wt[:, None, :], axis=0) + bias[None, :]
@@ -453,10 +462,7 @@ def _scan_fwd_kernel(
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
     if RP > 0:
-        # the low-rank weights of this program's channels, [RP, BD], read once
-        rr = tl.arange(0, RP)
-        wt = tl.load(w_base + d[None, :] * s_wd + rr[:, None], mask=(rr < R)[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
+        wt = _lowrank_weights(w_base, d, dmask, R, s_wd, RP)
     if PREFETCH:
         # loads run ahead of the math, which otherwise waits on them at every chunk (the kernel is bound by memory
         # latency, not by its instructions): the route map two chunks ahead, the tiles of u, B, C and of Δ (or of
@@ -583,9 +589,7 @@ def _scan_bwd_kernel(
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
     if RP > 0:
-        rr = tl.arange(0, RP)
-        wt = tl.load(w_base + d[None, :] * s_wd + rr[:, None], mask=(rr < R)[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
+        wt = _lowrank_weights(w_base, d, dmask, R, s_wd, RP)
     # carry: a·dh at the first position of the chunk after this one. Past the segment's end it is
     # G = Σ over later segments of their decayed q.
     carry = tl.zeros([NP, BD], dtype=tl.float32)
