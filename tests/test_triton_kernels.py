@@ -699,6 +699,8 @@ def test_norm_gate_dispatch_autocast_and_bad_shapes(monkeypatch):
 @cpu_only
 def test_norm_gate_opcheck_and_compile():
     from torch.library import opcheck
+
+    import vm_unet.kernels.triton_norm_gate  # noqa: F401 (registers the op; the test may run alone)
     args = norm_gate_inputs(2, 5, 3, 2, torch.float32)
     opcheck(torch.ops.vm_unet.norm_gate_fwd.default, (*args, 1e-5, torch.float32),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
