@@ -17,6 +17,9 @@ Two memory layouts, picked by x's strides (``_feature_last``); the kernels take 
   shared transposed copy of x and accumulates into a second (transposed) buffer, so its loads and atomics are
   coalesced; ``_route_plan`` picks that per direction from the index map itself.
 
+A forward with no backward to serve runs channels last whatever the layout it is given (``_runs_channels_last``):
+channel-first operands are copied in and y back, which measured faster than the channel-first kernels' own copies.
+
 Registered as ``vm_unet::ss2d_fwd`` / ``vm_unet::ss2d_bwd`` custom ops (fake impls for torch.compile); inputs of
 any float dtype, fp32 compute, output in x's dtype.
 """
@@ -200,6 +203,26 @@ def _states_grad_out(t: torch.Tensor, dtype: torch.dtype, h: int, w: int) -> tor
     return out
 
 
+def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(b, D, H, W) copied to channels last: one tiled transpose where large and contiguous."""
+    b, d, h, w = x.shape
+    if not (_tiled(x) and x.is_contiguous()):
+        return x.contiguous(memory_format=torch.channels_last)
+    return transpose_last2(x.view(b, d, h * w)).view(b, h, w, d).permute(0, 3, 1, 2)
+
+
+def _to_position_major(t: torch.Tensor) -> torch.Tensor:
+    """(b, K, c, H, W) with positions contiguous (e.g. a slice of the channel-first block's projection) -> the same
+    stored (b, H, W, K, c), as the block's projections come channels last: one tiled transpose where large, else
+    ``_seq_view``'s copy."""
+    b, k, c, h, w = t.shape
+    if not (_tiled(t) and t.stride(4) == 1 and t.stride(3) == w):
+        return t
+    out = torch.empty(b, h, w, k, c, device=t.device, dtype=t.dtype)
+    transpose_last2(t.flatten(3), out=out.view(b, h * w, k, c).permute(0, 2, 1, 3))
+    return out.permute(0, 3, 4, 1, 2)
+
+
 def _lowrank_grad_empty(b: int, k: int, r: int, h: int, w: int, **kw) -> torch.Tensor:
     """d dt_low (b, K, R, H, W) as the channels-last backward's GEMM writes it: stored (K, b, H, W, R)."""
     return torch.empty(k, b, h, w, r, **kw).permute(1, 0, 4, 2, 3)
@@ -209,9 +232,16 @@ class _Operands:
     """The op's inputs as the kernels read them: x as (b, D, L) views (slot 0 and slot 1, see ``_two_layouts``),
     dt_low/B/C as (b, K, c, L) views, the route maps, and the layout."""
 
-    def __init__(self, x, dt_low, B, C, route: str, order: Optional[torch.Tensor], bl: int):
+    def __init__(self, x, dt_low, B, C, route: str, order: Optional[torch.Tensor], bl: int,
+                 to_channels_last: bool = False):
         b, d, h, w = x.shape
         self.b, self.d, self.h, self.w, self.L = b, d, h, w, h * w
+        # channel-first operands run channels last (``_runs_channels_last``): each copied once into that layout,
+        # and y copied back to channel first
+        self.copied_in = to_channels_last and not _feature_last(x)
+        if self.copied_in:
+            x = _to_channels_last(x)
+            dt_low, B, C = (_to_position_major(t) for t in (dt_low, B, C))
         self.feature_last = _feature_last(x)
         self.maps = _maps_for(route, order, h, w, x.device, not self.feature_last, bl)
         if self.feature_last:
@@ -226,6 +256,12 @@ class _Operands:
 
     def image_out(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``."""
+        if self.copied_in:   # back to the caller's layout: one transposing cast
+            b, d, h, w = self.b, self.d, self.h, self.w
+            if _tiled(acc):
+                return transpose_last2(acc, dtype=dtype).view(b, d, h, w)
+            out = torch.empty(b, d, h, w, device=acc.device, dtype=dtype)
+            return out.copy_(acc.view(b, h, w, d).permute(0, 3, 1, 2))
         if self.feature_last:
             out = _image_empty(self.b, self.d, self.h, self.w, True, device=acc.device, dtype=dtype)
             return out.copy_(acc.view(self.b, self.h, self.w, self.d).permute(0, 3, 1, 2))
@@ -402,6 +438,23 @@ def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool, feat
     return empty, empty, empty
 
 
+# Whether a forward that keeps nothing for a backward runs channels last when given channel-first operands: x and
+# dt_low/B/C copied once into that layout, y back in the cast that leaves the accumulator (one tiled transpose
+# each), in place of the transposed copy of x, the per-direction swaps and the merge of two accumulators. Measured
+# on H200 (BENCHMARKS.md, twenty-first session, GPU time, 256² b32): N=16 stage-1 forward 1.200 -> 1.094 ms fp32,
+# 1.149 -> 0.962 bf16, stage 2 -14%; N=1 -20% to -48%; stages 3-4 at N=16 fp32 within 3% either way. A backward
+# stays in x's layout (at N > 2 channel first, its kernel faster so: ``kernels.ss2d.channels_last_is_faster``), so a
+# forward whose chunk-start states or segment ends it would reuse stays there too.
+COPY_TO_CHANNELS_LAST = True
+
+
+def _runs_channels_last(x: torch.Tensor, kept: tuple) -> bool:
+    """The forward's layout: x's own, except that channel-first operands run channels last when the forward keeps
+    nothing (``kept``, from ``_kept_shapes`` in x's layout) for the backward (``COPY_TO_CHANNELS_LAST``). y comes
+    back in x's layout either way, as the fake impl says."""
+    return _feature_last(x) or (COPY_TO_CHANNELS_LAST and all(s == (0,) for s in kept))
+
+
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
 def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
              dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str,
@@ -411,12 +464,13 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     n, L = A.shape[1], h * w
-    feature_last = _feature_last(x)
-    plan = _forward_plan(n, L, d, b * k, feature_last, keep_states)
-    ops = _Operands(x, dt_low, B, C, route, order, plan.bl)
+    shapes = _kept_shapes(b, k, d, L, n, keep_states, _feature_last(x))
+    feature_last = _runs_channels_last(x, shapes)
+    # a forward that keeps nothing runs the inference plan
+    plan = _forward_plan(n, L, d, b * k, feature_last, keep_states and shapes != ((0,),) * 3)
+    ops = _Operands(x, dt_low, B, C, route, order, plan.bl, to_channels_last=feature_last)
     prefix, flags = _input_args(ops, dt_weight.contiguous(), dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
-    shapes = _kept_shapes(b, k, d, L, n, keep_states, feature_last)
     f32 = dict(device=x.device, dtype=torch.float32)
     states = torch.empty(shapes[0], **f32)
     out, out_strides = ops.out_buffer()

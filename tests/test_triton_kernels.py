@@ -244,6 +244,43 @@ def test_ss2d_n1_channels_last_at_the_gpu_tiles(grad, monkeypatch):
         assert y.is_contiguous(memory_format=torch.channels_last) and rel(y, y_r) <= 1e-5
 
 
+# channel-first operands run the forward channels last when it keeps nothing for a backward: copied in (PyTorch's
+# strided copies, or the tiled transposes from LAYOUT_OPTS' size on; dt_low/B/C slices of one projection, as the
+# channel-first block makes them), y copied back channel first. Without gradients always; in training at N=16
+# (nothing kept at these sizes: the backward runs its own states pass, channel first), not at N=1 (its states kept)
+@cpu_only
+@pytest.mark.parametrize("min_numel", [1 << 30, 1])
+@pytest.mark.parametrize("N,route", [(16, "cross"), (1, "cross"), (4, "per_sample")])
+def test_ss2d_forward_runs_channel_first_operands_channels_last(min_numel, N, route, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    from vm_unet.kernels import triton_ss2d
+    monkeypatch.setitem(triton_ss2d.LAYOUT_OPTS, "triton_min_numel", min_numel)
+    layouts = []
+    run = core.scan_forward
+    monkeypatch.setattr(core, "scan_forward",
+                        lambda *a, **kw: layouts.append(a[3].get("FEATURE_LAST")) or run(*a, **kw))
+    b, h, w, r = 2, 3, 5, 3
+    x, low, B, C, *rest = ss2d_inputs(b, 5, h, w, r, N, torch.float32, k=4 if route == "cross" else 2)
+    proj = torch.cat([low, B, C], 2)
+    args = [x, proj[:, :, :r], proj[:, :, r:r + N], proj[:, :, r + N:], *rest]
+    if route == "per_sample":
+        g = torch.Generator().manual_seed(2)
+        order = torch.stack([torch.randperm(h * w, generator=g) for _ in range(b)])
+        route = torch.stack([order, order.flip(-1)], dim=1)
+    with torch.no_grad():
+        y = ss2d_core_triton(*args, route=route)
+        monkeypatch.setenv("VM_UNET_BACKEND", "torch")
+        y_r = ss2d_core_reference(*[t.double() for t in args], route=route)
+        monkeypatch.setenv("VM_UNET_BACKEND", "triton")
+    assert layouts == [True] and y.is_contiguous() and rel(y, y_r) <= 1e-5
+    compare_ss2d(args, route, 1e-5, monkeypatch=monkeypatch)   # forward, then the backward's states pass
+    assert layouts[1:] == ([False] if N == 1 else [True, False])
+    monkeypatch.setattr(triton_ss2d, "COPY_TO_CHANNELS_LAST", False)   # the channel-first kernels throughout
+    with torch.no_grad():
+        assert rel(ss2d_core_triton(*args, route=route), y_r) <= 1e-5
+    assert layouts[-1] is False
+
+
 # the layout copies around the kernels as tiled Triton transposes (the default from 8 M elements on), forced here
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -631,8 +668,9 @@ def test_opcheck_fake_and_autograd_registration():
     assert _route_plan("cross", 2, 3, "cpu", False, 4)[2] == (0, 0, 0, 0)
     empty = torch.empty(0)
     for inputs in (args, channels_last(args)):   # the fake impls give the real outputs' strides in both layouts
-        opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*inputs, "cross", None, True),
-                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        for keep in (True, False):               # channel first without a backward, run channels last inside
+            opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*inputs, "cross", None, keep),
+                    test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
         opcheck(torch.ops.vm_unet.ss2d_bwd.default, (torch.randn_like(inputs[0]), *inputs, "cross", None, empty,
                                                      empty, empty), test_utils=("test_schema", "test_faketensor"))
     order = torch.stack([torch.randperm(6), torch.randperm(6)])[None]     # (b=1, K=2, L) per-sample map
