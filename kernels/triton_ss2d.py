@@ -438,21 +438,28 @@ def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool, feat
     return empty, empty, empty
 
 
-# Whether a forward that keeps nothing for a backward runs channels last when given channel-first operands: x and
-# dt_low/B/C copied once into that layout, y back in the cast that leaves the accumulator (one tiled transpose
-# each), in place of the transposed copy of x, the per-direction swaps and the merge of two accumulators. Measured
-# on H200 (BENCHMARKS.md, twenty-first session, GPU time, 256² b32): N=16 stage-1 forward 1.200 -> 1.094 ms fp32,
-# 1.149 -> 0.962 bf16, stage 2 -14%; N=1 -20% to -48%; stages 3-4 at N=16 fp32 within 3% either way. A backward
-# stays in x's layout (at N > 2 channel first, its kernel faster so: ``kernels.ss2d.channels_last_is_faster``), so a
-# forward whose chunk-start states or segment ends it would reuse stays there too.
+# Whether the forward runs channel-first operands channels last where the backward reuses none of its chunk-start
+# states: x and dt_low/B/C copied once into that layout, y back in the cast that leaves the accumulator (one tiled
+# transpose each), in place of the transposed copy of x, the per-direction swaps and the merge of two accumulators.
+# Measured on H200 (BENCHMARKS.md, twenty-first session, GPU time, 256² b32): N=16 stage-1 forward 1.200 -> 1.094
+# ms fp32, 1.149 -> 0.962 bf16, stage 2 -14%; N=1 -20% to -48%; stages 3-4 at N=16 fp32 within 3% either way;
+# vmunet_isic training +2%. The backward stays in x's layout (at N > 2 channel first, its kernel faster so:
+# ``kernels.ss2d.channels_last_is_faster``).
 COPY_TO_CHANNELS_LAST = True
 
 
-def _runs_channels_last(x: torch.Tensor, kept: tuple) -> bool:
-    """The forward's layout: x's own, except that channel-first operands run channels last when the forward keeps
-    nothing (``kept``, from ``_kept_shapes`` in x's layout) for the backward (``COPY_TO_CHANNELS_LAST``). y comes
-    back in x's layout either way, as the fake impl says."""
-    return _feature_last(x) or (COPY_TO_CHANNELS_LAST and all(s == (0,) for s in kept))
+def _runs_channels_last(x: torch.Tensor, n: int, L: int, rows: int, kept: tuple) -> bool:
+    """The forward's layout: x's own, except that channel-first operands run channels last (``COPY_TO_CHANNELS_LAST``)
+    when the forward keeps (``kept``, from ``_kept_shapes`` in x's layout) no chunk-start states for the backward,
+    and segment end states only where both layouts' plans cut L alike: the backward's states pass starts its
+    segments from them under the forward's plan in x's layout. y comes back in x's layout either way, as the fake
+    impl says."""
+    if _feature_last(x):
+        return True
+    if not COPY_TO_CHANNELS_LAST or kept[0] != (0,):
+        return False
+    d = x.shape[1]
+    return kept[1] == (0,) or _forward_plan(n, L, d, rows, True, True) == _forward_plan(n, L, d, rows, False, True)
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
@@ -465,7 +472,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     k, _, r = dt_weight.shape
     n, L = A.shape[1], h * w
     shapes = _kept_shapes(b, k, d, L, n, keep_states, _feature_last(x))
-    feature_last = _runs_channels_last(x, shapes)
+    feature_last = _runs_channels_last(x, n, L, b * k, shapes)
     # a forward that keeps nothing runs the inference plan
     plan = _forward_plan(n, L, d, b * k, feature_last, keep_states and shapes != ((0,),) * 3)
     ops = _Operands(x, dt_low, B, C, route, order, plan.bl, to_channels_last=feature_last)

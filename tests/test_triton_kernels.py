@@ -351,8 +351,34 @@ def test_ss2d_backward_reuses_the_forward_segment_ends(segments, monkeypatch):
     real = core._segment_buffers
     monkeypatch.setattr(core, "_segment_buffers", lambda dims, plan, dev: end_passes.append(plan.nseg) or
                         real(dims, plan, dev))
+    layouts = []
+    run = core.scan_forward
+    monkeypatch.setattr(core, "scan_forward",
+                        lambda *a, **kw: layouts.append(a[3].get("FEATURE_LAST")) or run(*a, **kw))
     compare_ss2d(ss2d_inputs(2, 3, 5, 7, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
     assert end_passes == [segments[0]]      # the forward's; the backward's states pass reused them
+    # the forward ran channels last (both layouts' plans cut L alike), the states pass channel first
+    assert layouts == [True, False]
+
+
+# which layout a forward given channel-first operands runs in (``_runs_channels_last``), at the GPU's plans
+def test_forward_layout_of_channel_first_operands(monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    from vm_unet.kernels import triton_ss2d
+    from vm_unet.kernels.triton_ss2d import _runs_channels_last
+    monkeypatch.setenv("TRITON_INTERPRET", "0")       # launch_plan's GPU tiles (only planned here, never launched)
+    monkeypatch.setattr(core, "TILE_OVERRIDE", None)
+    x = torch.empty(2, 192, 4, 4)                      # its layout and channels; L is passed
+    L, rows = 256 * 256, 2 * 4
+    nothing, states = ((0,),) * 3, ((1,), (0,), (0,))
+    assert _runs_channels_last(x.contiguous(memory_format=torch.channels_last), 16, L, rows, states)  # x's own
+    assert _runs_channels_last(x, 16, L, rows, nothing)
+    assert not _runs_channels_last(x, 1, L, rows, states)            # chunk-start states for the backward
+    ends = ((0,), (2, 4, 43, 192, 16), (2, 4, 43, 192))
+    assert _runs_channels_last(x, 16, L, rows, ends)                 # N=16: the same plan in both layouts
+    assert not _runs_channels_last(x, 2, L, rows, ends)              # N <= 2: channels-last tiles cut L otherwise
+    monkeypatch.setattr(triton_ss2d, "COPY_TO_CHANNELS_LAST", False)
+    assert not _runs_channels_last(x, 16, L, rows, nothing)
 
 
 @cpu_only
