@@ -17,8 +17,9 @@ Two memory layouts, picked by x's strides (``_feature_last``); the kernels take 
   shared transposed copy of x and accumulates into a second (transposed) buffer, so its loads and atomics are
   coalesced; ``_route_plan`` picks that per direction from the index map itself.
 
-A forward with no backward to serve runs channels last whatever the layout it is given (``_runs_channels_last``):
-channel-first operands are copied in and y back, which measured faster than the channel-first kernels' own copies.
+The forward runs channels last whatever layout it is given, unless the backward will reuse states that it keeps in
+x's layout (``_runs_channels_last``): channel-first operands are copied in and y back, which measured faster than the
+channel-first kernels' own copies. The backward runs in x's layout.
 
 Registered as ``vm_unet::ss2d_fwd`` / ``vm_unet::ss2d_bwd`` custom ops (fake impls for torch.compile); inputs of
 any float dtype, fp32 compute, output in x's dtype.
@@ -473,7 +474,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     n, L = A.shape[1], h * w
     shapes = _kept_shapes(b, k, d, L, n, keep_states, _feature_last(x))
     feature_last = _runs_channels_last(x, n, L, b * k, shapes)
-    # a forward that keeps nothing runs the inference plan
+    # a forward that keeps nothing runs the inference plan (at N <= 2 channels last its longer chunks are faster)
     plan = _forward_plan(n, L, d, b * k, feature_last, keep_states and shapes != ((0,),) * 3)
     ops = _Operands(x, dt_low, B, C, route, order, plan.bl, to_channels_last=feature_last)
     prefix, flags = _input_args(ops, dt_weight.contiguous(), dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
