@@ -126,6 +126,16 @@ def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None):
     assert not bad, f"rel errors over {tol}: {bad}"
 
 
+def forward_layouts(monkeypatch) -> list:
+    """Records whether each forward-kernel launch (``scan_forward``) from now on runs channels last, in order."""
+    from vm_unet.kernels import triton_scan_core as core
+    layouts: list = []
+    run = core.scan_forward
+    monkeypatch.setattr(core, "scan_forward",
+                        lambda *a, **kw: layouts.append(a[3].get("FEATURE_LAST")) or run(*a, **kw))
+    return layouts
+
+
 # ---------------------------------------------------------------- CPU (interpreter), tiny shapes
 
 _ELEMENTWISE_X = torch.cat([torch.tensor([-200.0, -100.0, -87.0, -30.0, -1e-3, -1e-8, 0.0, 1e-8, 1e-3, 30.0, 100.0]),
@@ -252,13 +262,9 @@ def test_ss2d_n1_channels_last_at_the_gpu_tiles(grad, monkeypatch):
 @pytest.mark.parametrize("min_numel", [1 << 30, 1])
 @pytest.mark.parametrize("N,route", [(16, "cross"), (1, "cross"), (4, "per_sample")])
 def test_ss2d_forward_runs_channel_first_operands_channels_last(min_numel, N, route, monkeypatch):
-    from vm_unet.kernels import triton_scan_core as core
     from vm_unet.kernels import triton_ss2d
     monkeypatch.setitem(triton_ss2d.LAYOUT_OPTS, "triton_min_numel", min_numel)
-    layouts = []
-    run = core.scan_forward
-    monkeypatch.setattr(core, "scan_forward",
-                        lambda *a, **kw: layouts.append(a[3].get("FEATURE_LAST")) or run(*a, **kw))
+    layouts = forward_layouts(monkeypatch)
     b, h, w, r = 2, 3, 5, 3
     x, low, B, C, *rest = ss2d_inputs(b, 5, h, w, r, N, torch.float32, k=4 if route == "cross" else 2)
     proj = torch.cat([low, B, C], 2)
@@ -351,10 +357,7 @@ def test_ss2d_backward_reuses_the_forward_segment_ends(segments, monkeypatch):
     real = core._segment_buffers
     monkeypatch.setattr(core, "_segment_buffers", lambda dims, plan, dev: end_passes.append(plan.nseg) or
                         real(dims, plan, dev))
-    layouts = []
-    run = core.scan_forward
-    monkeypatch.setattr(core, "scan_forward",
-                        lambda *a, **kw: layouts.append(a[3].get("FEATURE_LAST")) or run(*a, **kw))
+    layouts = forward_layouts(monkeypatch)
     compare_ss2d(ss2d_inputs(2, 3, 5, 7, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
     assert end_passes == [segments[0]]      # the forward's; the backward's states pass reused them
     # the forward ran channels last (both layouts' plans cut L alike), the states pass channel first
