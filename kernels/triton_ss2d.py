@@ -110,11 +110,15 @@ def _route_plan(route: str, h: int, w: int, device, transpose_columns: bool, bl:
 # ``triton_transpose`` from this many elements on, as PyTorch's strided copies below it. A Triton launch costs 25-50 µs
 # of host time against PyTorch's 10-17 µs (H200, Triton 3.6), and the GPU time it saves grows with the size (stage 1
 # at 256² batch 32, 25 M elements: 130 -> about 25 µs a copy); below this size eager steps are bound by the host.
-LAYOUT_OPTS = {"triton_min_numel": 1 << 23}
+# While a CUDA graph is captured the host cost is paid once, so the tiled kernel takes over from the smaller size:
+# PyTorch's strided copies of stage 3's (32, 768, 16, 16) took 33 µs each, and vmunet_isic trained at 256² b32 with
+# CUDA graphs at 571.5 / 571.6 img/s against 562.4 / 561.0 with the eager threshold (H200, twenty-first session).
+LAYOUT_OPTS = {"triton_min_numel": 1 << 23, "triton_min_numel_captured": 1 << 20}
 
 
 def _tiled(t: torch.Tensor) -> bool:
-    return t.numel() >= LAYOUT_OPTS["triton_min_numel"]
+    captured = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return t.numel() >= LAYOUT_OPTS["triton_min_numel_captured" if captured else "triton_min_numel"]
 
 
 def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:

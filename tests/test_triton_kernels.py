@@ -857,6 +857,44 @@ def test_gpu_ss2d_random_shapes(dtype, tol, monkeypatch):
                      monkeypatch=monkeypatch)
 
 
+# captured in a CUDA graph, the layout copies of mid-sized tensors take the tiled transposes (LAYOUT_OPTS); the graph's
+# replay gives what eager calls give, in training (channel-first backward, transposed slots) and without gradients
+@gpu
+@needs_cuda
+def test_gpu_ss2d_in_a_captured_graph_matches_eager():
+    from vm_unet.kernels import triton_ss2d
+    sizes = (1 << 20) <= 4 * 192 * 48 * 48 < triton_ss2d.LAYOUT_OPTS["triton_min_numel"]
+    assert sizes, "x must sit between the two thresholds"
+    base = ss2d_inputs(4, 192, 48, 48, 6, 16, torch.bfloat16, device="cuda")
+    g = torch.randn_like(base[0])
+
+    def leaves():   # each run its own leaves: autograd nodes made on one stream are not reused on another
+        return [t.detach().clone().requires_grad_(True) for t in base]
+
+    def step(args):
+        y = ss2d_core_triton(*args)
+        return [y, *torch.autograd.grad(y, args, g)]
+
+    def infer(args):
+        with torch.no_grad():
+            return [ss2d_core_triton(*args)]
+    for fn in (step, infer):
+        want = fn(leaves())
+        args = leaves()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(args)                           # warm-up off the default stream, as CUDA graphs ask
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = fn(args)
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(got, want):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2 * b.float().abs().max().item())
+
+
 # Δ from half-precision dt_low (autocast): one tensor-core GEMM per direction, W split into hi + lo halves, fp32 out;
 # odd D, L and R (rows of 13 halves are not 16-byte aligned), and the fp32 fallback for Δ of 2**31 elements or more
 @gpu
