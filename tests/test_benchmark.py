@@ -91,6 +91,20 @@ def test_bench_kernels_sweep_tiles_parse():
         script.parse_tiles("states=8,4,1")
 
 
+def test_bench_kernels_main_table_marks_missing_timings():
+    """The main table: a row without the reference or the mamba anchor shows dashes, not nan; the ratios are the
+    anchor's time over ours."""
+    pytest.importorskip("triton")
+    script = _load_script("bench_kernels")
+    row = {"shape": "s1-256", "batch": 32, "N": 16, "dtype": "float32", "fused_fwd_ms": 1.0, "fused_fwd_GBs": 281.4,
+           "fused_fwd_pct_copy": 7.2, "fused_fwdbwd_ms": 5.0}
+    full = dict(row, unfused_fwd_ms=3.9, unfused_fwdbwd_ms=17.5, mamba_anchor_fwd_ms=4.47, mamba_anchor_fwdbwd_ms=14.69)
+    lines = script.main_table([row, full]).splitlines()
+    assert len(lines) == 4 and "nan" not in "\n".join(lines)
+    assert lines[2].endswith("| 5.000 | – | – | – | – |")
+    assert lines[3].endswith("| 3.900 | 17.500 | 4.470 (4.47x) | 14.690 (2.94x) |")
+
+
 def test_bench_model_refuses_cuda_graphs_on_cpu(capsys):
     script = _load_script()
     assert script.main(["--device", "cpu", "--cuda-graphs", "--models", "vmunet_isic", "--sizes", "64"]) == 2
