@@ -261,15 +261,12 @@ class _Operands:
 
     def image_out(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``."""
-        if self.copied_in:   # back to the caller's layout: one transposing cast
-            b, d, h, w = self.b, self.d, self.h, self.w
-            if _tiled(acc):
-                return transpose_last2(acc, dtype=dtype).view(b, d, h, w)
-            out = torch.empty(b, d, h, w, device=acc.device, dtype=dtype)
-            return out.copy_(acc.view(b, h, w, d).permute(0, 3, 1, 2))
         if self.feature_last:
-            out = _image_empty(self.b, self.d, self.h, self.w, True, device=acc.device, dtype=dtype)
-            return out.copy_(acc.view(self.b, self.h, self.w, self.d).permute(0, 3, 1, 2))
+            b, d, h, w = self.b, self.d, self.h, self.w
+            if self.copied_in and _tiled(acc):   # back to the caller's channel-first layout: one transposing cast
+                return transpose_last2(acc, dtype=dtype).view(b, d, h, w)
+            out = _image_empty(b, d, h, w, not self.copied_in, device=acc.device, dtype=dtype)
+            return out.copy_(acc.view(b, h, w, d).permute(0, 3, 1, 2))
         return _merge_slots(acc, self.h, self.w, dtype)
 
     def out_buffer(self) -> tuple[torch.Tensor, tuple]:
