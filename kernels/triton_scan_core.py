@@ -14,7 +14,8 @@ positions. The recurrence ``h_l = a_l h_{l-1} + b_l`` inside a chunk is an assoc
 [BL, NP, BD] fp32 tile (scanned axis first, so Triton keeps each thread's positions in registers and the scan
 needs no lane shuffles); the state is carried between chunks in registers. Slot k is the group (plain scan) or the
 direction (SS2D); the parameter channel is ``k * DK + d`` in both cases. The kernels wait on memory more than
-they compute, so the forward (N > 1) loads each chunk's tiles one chunk ahead, and both read the route map ahead.
+they compute, so the forward (N > 1) loads each chunk's tiles one chunk ahead, both read the route map ahead, and the
+backward's chunk-start states are copied ahead by Triton's software pipeliner (``_loop_stages``).
 Built in the kernels, Δ's low-rank factors are read as one tile a chunk (``_lowrank_tile``), not one gathered load
 per rank and row.
 
@@ -556,7 +557,7 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
-    UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr, LR_AHEAD: tl.constexpr,
+    UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr, LR_AHEAD: tl.constexpr, STAGES: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -609,7 +610,9 @@ def _scan_bwd_kernel(
                           GATHER, AFFINE, LINES, p0, dp)
     if LR_AHEAD:
         lo_next = _lowrank_factors(dt_base, pos_next, (c1 - 1) * BL + j < L, R, s_td, s_tl, RP)
-    for ci in range(0, c1 - c0):
+    # STAGES (``_loop_stages``): the chunk-start state's load is issued ahead by Triton's pipeliner, into shared
+    # memory, holding no registers (the kernel has none to spare for loads ahead)
+    for ci in tl.range(0, c1 - c0, num_stages=STAGES):
         c = c1 - 1 - ci
         l = c * BL + j
         lmask = l < L
@@ -890,6 +893,18 @@ def _unroll_rows(plan: LaunchPlan) -> bool:
     return plan.np * plan.bd >= 32 * plan.warps
 
 
+def _loop_stages(plan: LaunchPlan) -> int:
+    """Pipeline depth of the backward's chunk loop (``num_stages`` of its ``tl.range``; 1 is none). Triton 3.9's
+    software pipeliner then copies each chunk's start state (fp32, addressed by the loop index alone) from global to
+    shared memory two chunks ahead (cp.async), where the latency-bound kernel used to wait on it every chunk; tiles
+    addressed through the route map, or carried from the chunk before, are not pipelined. Measured on H200
+    (BENCHMARKS.md, twenty-second session, 256² b32): N=16 backward kernel -13% to -29% at stages 1-4 (stage 1 4.00
+    -> 3.41 ms fp32, 3.70 -> 3.21 bf16), 2 and 4 stages no better; vmunet_isic training +9%. Unchanged where L is
+    split into segments (stage 1 at 1024² b2: 6.08 -> 6.05 ms bf16). The N <= 2 tiles gained nothing (channel first,
+    no copy issued) or lost 1% (vmunet_fast's channels-last training), so they keep none."""
+    return 3 if plan.np > 2 else 1
+
+
 def _poly_softplus(plan: LaunchPlan) -> bool:
     """Whether the backward takes softplus and its derivative in the forward kernel's cheap forms (polynomial
     log1p, one-instruction exp and reciprocal) rather than through libm: for the N <= 2 tile (BL=64) only.
@@ -973,7 +988,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du, RP=rp,
                   LR_AHEAD=rp > 0 and _lowrank_ahead(plan),
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags), SCATTER=_scatter(plan),
-                  UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan),
+                  UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan), STAGES=_loop_stages(plan),
                   # computed positions measured slower in the N <= 2 backward (see _positions)
                   **dict(_kernel_flags(flags), AFFINE=flags["AFFINE"] and _unroll_rows(plan),
                          LINES=flags["LINES"] and _unroll_rows(plan)))

@@ -97,7 +97,7 @@ def main() -> int:
             ng.norm_gate_triton(*yz, torch.ones(d, requires_grad=True), torch.zeros(d, requires_grad=True), 1e-5,
                                 dtype).sum().backward()
     target = GPUTarget("cuda", 90, 32)
-    count = scattered = 0
+    count = scattered = pipelined = 0
     for rec in recorders:
         for sig, constexprs, options in rec.launches.values():
             src = ASTSource(fn=rec.kernel, signature=sig, constexprs=constexprs)
@@ -107,8 +107,13 @@ def main() -> int:
             if constexprs.get("SCATTER") and not constexprs.get("DH_ONLY"):
                 check_scatter_layout(compiled.asm["ttgir"], constexprs["BD"])
                 scattered += 1
-    print(f"compiled {count} kernel variants for sm_90; {scattered} reduce-scatter layouts ok")
+            if constexprs.get("STAGES", 1) > 1 and not constexprs.get("DH_ONLY"):
+                check_states_pipelined(compiled.asm["ttgir"])
+                pipelined += 1
+    print(f"compiled {count} kernel variants for sm_90; {scattered} reduce-scatter layouts ok; "
+          f"{pipelined} pipelined backward loops ok")
     assert scattered, "no backward launch took the reduce-scatter path"
+    assert pipelined, "no backward launch asked for a pipelined chunk loop"
     check_tile_layout(target, core.POS_LAST)
     return 0 if count >= 10 else 1
 
@@ -143,6 +148,16 @@ def check_tile_layout(target, pos_last: bool) -> None:
         f"Triton {triton.__version__} lays the tile out as {layout.group(1)}: positions are not on the lanes; "
         f"flip triton_scan_core.POS_LAST for this version")
     print(f"tile layout ok (POS_LAST={pos_last}): {layout.group(1)}")
+
+
+def check_states_pipelined(ttgir: str) -> None:
+    """What ``triton_scan_core._loop_stages`` relies on: the backward's chunk-start state load is copied ahead
+    asynchronously (global to shared memory) by Triton's software pipeliner. If a Triton version, or a change to
+    how that load is addressed (anything but the loop index), stops it, the kernel still computes the same but runs
+    about 15% slower on a GPU; this fails instead."""
+    assert re.search(r"ttg\.async_copy_global_to_local .*tensor<\d+x\d+x!tt\.ptr<f32>", ttgir), (
+        f"Triton {triton.__version__} did not pipeline the backward's chunk-start state load (no async copy of an "
+        f"fp32 tile in its TTGIR); see triton_scan_core._loop_stages")
 
 
 def check_scatter_layout(ttgir: str, bd: int) -> None:
