@@ -558,6 +558,7 @@ def _scan_bwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
     UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr, LR_AHEAD: tl.constexpr, STAGES: tl.constexpr,
+    CARRY_IN_TILE: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -591,15 +592,19 @@ def _scan_bwd_kernel(
 
     if RP > 0:
         wt = _lowrank_weights(w_base, d, dmask, R, s_wd, RP)
-    # carry: a·dh at the first position of the chunk after this one. Past the segment's end it is
-    # G = Σ over later segments of their decayed q.
+    # carry: a·dh at the first position of the chunk after this one. Past the segment's end it is G = Σ over later
+    # segments of their decayed q: the loop's initial carry, or with CARRY_IN_TILE (``_carry_in_tile``) zero, G
+    # entering through the first chunk's last row below
     carry = tl.zeros([NP, BD], dtype=tl.float32)
     if SEG_CARRY:
+        G = tl.zeros([NP, BD], dtype=tl.float32)
         for si in range(0, NSEG - 1 - seg):
             t = NSEG - 1 - si
             qv = tl.load(q_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
             sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
-            carry = qv + _exp2(A2 * sd[None, :], FAST_EXP) * carry
+            G = qv + _exp2(A2 * sd[None, :], FAST_EXP) * G
+        if not CARRY_IN_TILE:
+            carry = G
     dA_acc = tl.zeros([NP, BD], dtype=tl.float32)
     dD_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
@@ -662,8 +667,11 @@ def _scan_bwd_kernel(
             hsb = hs - bx
 
         # dh past the chunk enters through the last row (dh_last = C g + carry), as the carried state does in the
-        # forward
-        dh, carry = _scan_rows_reverse(a, Ct[:, :, None] * g[:, None, :], carry, j, BL, UNROLL)
+        # forward; so does the later segments' G in the segment's last chunk, the first walked
+        cg = Ct[:, :, None] * g[:, None, :]
+        if SEG_CARRY and CARRY_IN_TILE:
+            cg += tl.where((j[:, None, None] == BL - 1) & (ci == 0), G[None, :, :], 0.0)
+        dh, carry = _scan_rows_reverse(a, cg, carry, j, BL, UNROLL)
 
         if not DH_ONLY:
             # dB = sum_d Δ u dh, as dC above
@@ -905,6 +913,16 @@ def _loop_stages(plan: LaunchPlan) -> int:
     return 3 if plan.np > 2 else 1
 
 
+def _carry_in_tile(plan: LaunchPlan) -> bool:
+    """Whether a backward segment takes the later segments' dh carry G through its first chunk's last row (zero as
+    the loop's initial carry) rather than as that initial carry. As the initial carry, G kept the layout of its loads
+    into the loop, and Triton ran part of every chunk in both layouts. Measured on H200 (BENCHMARKS.md,
+    twenty-second session), N=16 backward kernel at stage 1: 1024² b2 6.07 -> 3.95 ms bf16 (6.16 -> 4.16 fp32),
+    2048² b1 11.90 -> 7.93; 256² b32 with 2 segments forced 5.09 -> 3.16, the speed of one segment. The N <= 2 tiles
+    were not measured this way and keep the initial carry."""
+    return plan.np > 2
+
+
 def _poly_softplus(plan: LaunchPlan) -> bool:
     """Whether the backward takes softplus and its derivative in the forward kernel's cheap forms (polynomial
     log1p, one-instruction exp and reciprocal) rather than through libm: for the N <= 2 tile (BL=64) only.
@@ -989,6 +1007,7 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
                   LR_AHEAD=rp > 0 and _lowrank_ahead(plan),
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags), SCATTER=_scatter(plan),
                   UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan), STAGES=_loop_stages(plan),
+                  CARRY_IN_TILE=_carry_in_tile(plan),
                   # computed positions measured slower in the N <= 2 backward (see _positions)
                   **dict(_kernel_flags(flags), AFFINE=flags["AFFINE"] and _unroll_rows(plan),
                          LINES=flags["LINES"] and _unroll_rows(plan)))
