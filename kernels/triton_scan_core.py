@@ -907,9 +907,10 @@ def _loop_stages(plan: LaunchPlan) -> int:
     shared memory two chunks ahead (cp.async), where the latency-bound kernel used to wait on it every chunk; tiles
     addressed through the route map, or carried from the chunk before, are not pipelined. Measured on H200
     (BENCHMARKS.md, twenty-second session, 256² b32): N=16 backward kernel -13% to -29% at stages 1-4 (stage 1 4.00
-    -> 3.41 ms fp32, 3.70 -> 3.21 bf16), 2 and 4 stages no better; vmunet_isic training +9%. Unchanged where L is
-    split into segments (stage 1 at 1024² b2: 6.08 -> 6.05 ms bf16). The N <= 2 tiles gained nothing (channel first,
-    no copy issued) or lost 1% (vmunet_fast's channels-last training), so they keep none."""
+    -> 3.41 ms fp32, 3.70 -> 3.21 bf16), 2 and 4 stages no better; vmunet_isic training +9%. Where L was split into
+    segments it changed nothing until ``_carry_in_tile`` (stage 1 at 1024² b2: 6.08 -> 6.05 ms bf16). The N <= 2
+    tiles gained nothing (channel first, no copy issued) or lost 1% (vmunet_fast's channels-last training), so they
+    keep none."""
     return 3 if plan.np > 2 else 1
 
 
