@@ -429,7 +429,8 @@ def _scan_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
-    FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr, RP: tl.constexpr,
+    CARRY_IN_TILE: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr,
+    RP: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
@@ -455,13 +456,19 @@ def _scan_fwd_kernel(
         Dv = tl.load(Dp_ptr + ch, mask=dmask, other=0.0).to(tl.float32)
     st_base = state_ptr + ((b * K + k) * DK + d[None, :]) * (NCHUNK * NP) + n[:, None]
 
-    if SEG_CARRY:
-        h = _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A2, NP, BD, FAST_EXP)
-    else:
-        h = tl.zeros([NP, BD], dtype=tl.float32)
     sdl = tl.zeros([BD], dtype=tl.float32)
     c0 = seg * CPS
     c1 = tl.minimum(c0 + CPS, NCHUNK)
+    # the segment's start state: the loop's initial state, or with CARRY_IN_TILE (``_carry_in_tile``) zero, the
+    # start state entering through the first chunk's first row below (and stored here as that chunk's start)
+    h = tl.zeros([NP, BD], dtype=tl.float32)
+    if SEG_CARRY:
+        h_in = _carry_in(hend_ptr, sdl_ptr, row, seg, DK, d, dmask, n, A2, NP, BD, FAST_EXP)
+        if CARRY_IN_TILE:
+            if STORE_STATES:
+                tl.store(st_base + c0 * NP, h_in, mask=dmask[None, :])
+        else:
+            h = h_in
     if RP > 0:
         wt = _lowrank_weights(w_base, d, dmask, R, s_wd, RP)
     if PREFETCH:
@@ -479,7 +486,11 @@ def _scan_fwd_kernel(
                                               LOWRANK, WRITE_OUT, POS_LAST, RP)
     for c in range(c0, c1):
         if STORE_STATES:
-            tl.store(st_base + c * NP, h, mask=dmask[None, :])
+            if SEG_CARRY and CARRY_IN_TILE:   # the first chunk's start, h_in, stored above
+                # (c compared as a tensor: a scalar comparison in a mask fails in the CPU interpreter)
+                tl.store(st_base + c * NP, h, mask=(dmask & (d * 0 + c > c0))[None, :])
+            else:
+                tl.store(st_base + c * NP, h, mask=dmask[None, :])
         l = c * BL + j
         lmask = l < L
         if PREFETCH:
@@ -511,6 +522,8 @@ def _scan_fwd_kernel(
             Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         bx = (dl * u)[:, None, :] * Bt[:, :, None]
+        if SEG_CARRY and CARRY_IN_TILE:   # h_0 = a_0 h_in + b_0
+            bx += tl.where((j[:, None, None] == 0) & (c == c0), a * h_in[None, :, :], 0.0)
         # state after the chunk = its last row (padded steps keep it unchanged). Not unrolled: that saved 8
         # instructions of ~1570 here and measured no faster
         hs, h = _scan_rows(a, bx, h, j, BL, False)
@@ -915,12 +928,14 @@ def _loop_stages(plan: LaunchPlan) -> int:
 
 
 def _carry_in_tile(plan: LaunchPlan) -> bool:
-    """Whether a backward segment takes the later segments' dh carry G through its first chunk's last row (zero as
-    the loop's initial carry) rather than as that initial carry. As the initial carry, G kept the layout of its loads
-    into the loop, and Triton ran part of every chunk in both layouts. Measured on H200 (BENCHMARKS.md,
-    twenty-second session), N=16 backward kernel at stage 1: 1024² b2 6.07 -> 3.95 ms bf16 (6.16 -> 4.16 fp32),
-    2048² b1 11.90 -> 7.93; 256² b32 with 2 segments forced 5.09 -> 3.16, the speed of one segment. The N <= 2 tiles
-    were not measured this way and keep the initial carry."""
+    """Whether a segment's carry from the other segments enters through its first chunk's tile (the loop starting
+    from zero) rather than as the loop's initial value: in the backward the later segments' dh carry G, added at the
+    first chunk's last row; in the forward the start state, through the first row (a_0 h_in added to b_0). As the
+    initial value, the carry kept the layout of its loads into the loop, and Triton ran part of every chunk in both
+    layouts. Measured on H200, N=16, stage 1, bf16: backward kernel (BENCHMARKS.md, twenty-second session) 1024² b2
+    6.07 -> 3.95 ms (fp32 6.16 -> 4.16), 2048² b1 11.90 -> 7.93, 256² b32 with 2 segments forced 5.09 -> 3.16, the
+    speed of one segment; forward (twenty-third session) 1024² b2 main pass 0.93 -> 0.82 ms, states pass 0.80 ->
+    0.73. The N <= 2 tiles were not measured this way and keep the initial value."""
     return plan.np > 2
 
 
@@ -956,13 +971,14 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
             *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *dims.scalars(plan), 0,
             ATOMIC_OUT=False, WRITE_OUT=False, STORE_STATES=False, WRITE_LAST=False, SEG_END=True,
-            SEG_CARRY=False, **common)
+            SEG_CARRY=False, CARRY_IN_TILE=False, **common)
     _scan_fwd_kernel[plan.grid(dims.slots, dims.batch)](
         *prefix, out if out is not None else ph, *(out_strides or (0, 0, 0, 0)),
         states if states is not None else ph, last if last is not None else ph, *seg_bufs,
         *dims.scalars(plan), 0,
         ATOMIC_OUT=atomic_out, WRITE_OUT=out is not None, STORE_STATES=states is not None,
-        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1, **common)
+        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1,
+        CARRY_IN_TILE=plan.nseg > 1 and _carry_in_tile(plan), **common)
     return seg_bufs if plan.nseg > 1 else None
 
 
