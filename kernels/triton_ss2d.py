@@ -33,6 +33,7 @@ import torch
 
 from . import triton_scan_core as core
 from .routes import route_indices
+from .triton_lowrank_grad import lowrank_weight_grad
 from .triton_transpose import transpose_last2
 
 
@@ -497,29 +498,17 @@ def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, keep_states):
             *(x.new_empty(s, dtype=torch.float32) for s in shapes))
 
 
-# reductions of at least 2 * DW_PIECE positions are cut into pieces of DW_PIECE positions for d dt_weight
-DW_PIECE = 4096
+# d dt_weight reduces over at least this many positions in Triton (``lowrank_weight_grad``), over fewer as one cuBLAS
+# GEMM a row. Measured on H200 (BENCHMARKS.md, twenty-third session, bf16 / fp32, µs): L=4096 (stage 1 at 256²
+# batch 32) 94 -> 65 / 247 -> 140, L=1024 56 -> 43 / 102 -> 72, L=256 32 -> 35 / 65 -> 85, L=64 44 -> 73 / 65 -> 151
+DW_TRITON_MIN_L = 1024
 
 
 def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Σ_l ddt[m, l]ᵀ low[m, l]: (M, L, D) x (M, L, R) -> (M, D, R), fp32 (GEMMs in the inputs' dtype, each
-    product widened before partial products are summed); any strides with a unit stride in each matrix. One GEMM
-    per row reduces over all of L, and with few rows (long sequences at small batch, or the channels-last layout's
-    one row per direction) cuBLAS then leaves most of the GPU idle: 1.9 ms for 0.4 GB read at 1024² batch 2 on an
-    H100. Long L is cut into pieces, each a GEMM of its own (a strided batch per row, views of the same memory),
-    and the pieces summed."""
-    m, L, d = ddt.shape
-    if L < 2 * DW_PIECE:
+    """Σ_l ddt[m, l]ᵀ low[m, l]: (M, L, D) x (M, L, R) -> (M, D, R), fp32; any strides."""
+    if ddt.shape[1] < DW_TRITON_MIN_L:
         return torch.matmul(ddt.transpose(1, 2), low).float()
-    n = L // DW_PIECE
-    main = n * DW_PIECE
-    parts = [torch.matmul(ddt[i, :main].unflatten(0, (n, DW_PIECE)).transpose(1, 2),    # (n, D, piece)
-                          low[i, :main].unflatten(0, (n, DW_PIECE)))                      # (n, piece, R)
-             for i in range(m)]
-    dW = torch.stack(parts).float().sum(1)                                             # one reduction
-    if main < L:
-        dW += torch.matmul(ddt[:, main:].transpose(1, 2), low[:, main:]).float()
-    return dW
+    return lowrank_weight_grad(ddt, low)
 
 
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
@@ -568,7 +557,7 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
         dW = dW.view(k, b, d, r).sum(1)
         dB, dC = (_states_grad_out(t, like.dtype, h, w) for t, like in ((dB, B), (dC, C)))
     else:
-        # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ and d W_k = Σ_b dΔ lowᵀ, batched matmuls over (b, k), no copies
+        # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ (a batched matmul over (b, k), no copies) and d W_k = Σ_b dΔ lowᵀ
         dlow = torch.matmul(W.to(ddt.dtype).transpose(1, 2), ddt)                          # (b, k, r, L)
         dW = _dt_weight_grad(ddt.view(b * k, d, L).transpose(1, 2),
                              lows.reshape(b * k, r, L).transpose(1, 2)).view(b, k, d, r).sum(0)

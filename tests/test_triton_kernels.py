@@ -428,17 +428,45 @@ def test_ss2d_layout_helpers(min_numel, monkeypatch):
         assert torch.allclose(_swap(x, maps, h, w, torch.bfloat16).float(), want, rtol=2 ** -7, atol=0)
 
 
-def test_dt_weight_grad_in_pieces_of_long_sequences(monkeypatch):
-    from vm_unet.kernels import triton_ss2d
+# odd sizes; pieces with a remainder, exact, one piece, and the default (halved for a small grid); ranks under and
+# over tl.dot's 16
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_weight_grad_matches_reference(dtype):
+    from vm_unet.kernels.triton_lowrank_grad import lowrank_weight_grad, lowrank_weight_grad_reference
     g = torch.Generator().manual_seed(0)
-    for L, piece in [(37, 8), (48, 8), (15, 8), (9, 4)]:     # remainder, exact pieces, one piece (no split), 2 + 1
-        monkeypatch.setattr(triton_ss2d, "DW_PIECE", piece)
+    for m, L, d, r, piece in [(3, 37, 5, 2, 8), (2, 48, 70, 6, 16), (1, 15, 3, 17, 32), (2, 300, 9, 6, None)]:
+        ddt, low = torch.randn(m, d, L, generator=g).to(dtype), torch.randn(m, r, L, generator=g).to(dtype)
+        ref = torch.einsum("mdl,mrl->mdr", ddt.double(), low.double())
+        assert rel(lowrank_weight_grad_reference(ddt.transpose(1, 2), low.transpose(1, 2)), ref) < 1e-6
+        # both layouts the op passes: positions fastest (channel first) and channels fastest (channels last)
+        for a, b in [(ddt.transpose(1, 2), low.transpose(1, 2)),
+                     (ddt.transpose(1, 2).contiguous(), low.transpose(1, 2).contiguous())]:
+            out = lowrank_weight_grad(a, b, piece)
+            assert out.dtype == torch.float32 and out.shape == (m, d, r)
+            assert rel(out, ref) < 1e-6
+    with pytest.raises(ValueError, match="do not pair"):
+        lowrank_weight_grad(torch.zeros(1, 8, 4), torch.zeros(1, 9, 2))
+
+
+# the backward's d dt_weight: cuBLAS below DW_TRITON_MIN_L positions, the Triton reduction from there
+@cpu_only
+def test_dt_weight_grad_either_side_of_the_threshold(monkeypatch):
+    from vm_unet.kernels import triton_lowrank_grad, triton_ss2d
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return triton_lowrank_grad.lowrank_weight_grad(*args)
+    monkeypatch.setattr(triton_ss2d, "lowrank_weight_grad", spy)
+    monkeypatch.setattr(triton_ss2d, "DW_TRITON_MIN_L", 20)
+    g = torch.Generator().manual_seed(0)
+    for L, triton_used in [(19, False), (20, True), (45, True)]:
         ddt, low = torch.randn(3, 5, L, generator=g), torch.randn(3, 2, L, generator=g)
         ref = torch.einsum("mdl,mrl->mdr", ddt.double(), low.double())
-        # both layouts the op passes: positions fastest (channel first) and channels fastest (channels last)
-        assert rel(triton_ss2d._dt_weight_grad(ddt.transpose(1, 2), low.transpose(1, 2)), ref) < 1e-6
-        ddt_cl, low_cl = ddt.transpose(1, 2).contiguous(), low.transpose(1, 2).contiguous()
-        assert rel(triton_ss2d._dt_weight_grad(ddt_cl, low_cl), ref) < 1e-6
+        calls.clear()
+        out = triton_ss2d._dt_weight_grad(ddt.transpose(1, 2), low.transpose(1, 2))
+        assert out.dtype == torch.float32 and rel(out, ref) < 1e-6 and bool(calls) == triton_used
 
 
 def test_delta_materialised_only_where_measured_faster():
@@ -855,6 +883,20 @@ def test_gpu_ss2d_random_shapes(dtype, tol, monkeypatch):
     for N in (1, 16):
         compare_ss2d(ss2d_inputs(2, 96, 17, 23, 24, N, dtype, device="cuda", seed=N), "cross", tol,
                      monkeypatch=monkeypatch)
+
+
+# the weight gradient's tensor-core products in half precision (the interpreter widens them), long L in pieces
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_lowrank_weight_grad_matches_reference(dtype):
+    from vm_unet.kernels.triton_lowrank_grad import lowrank_weight_grad
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m, L, d, r in [(3, 20001, 200, 6), (2, 4099, 768, 24)]:
+        ddt = torch.randn(m, d, L, device="cuda", generator=g).to(dtype).transpose(1, 2)
+        low = torch.randn(m, L, r, device="cuda", generator=g).to(dtype)
+        ref = torch.einsum("mld,mlr->mdr", ddt.double(), low.double())
+        assert rel(lowrank_weight_grad(ddt, low), ref) < 1e-5
 
 
 # captured in a CUDA graph, the layout copies of mid-sized tensors take the tiled transposes (LAYOUT_OPTS); the graph's
