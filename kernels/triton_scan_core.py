@@ -965,20 +965,20 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     else:
         seg_bufs = _segment_buffers(dims, plan, ph.device) if plan.nseg > 1 else (ph, ph)
     common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags),
-                  PREFETCH=_prefetch(plan), RP=_lowrank_tile(plan, dims.rank, flags), **_kernel_flags(flags))
+                  PREFETCH=_prefetch(plan), RP=_lowrank_tile(plan, dims.rank, flags),
+                  CARRY_IN_TILE=_carry_in_tile(plan), **_kernel_flags(flags))
     if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
             *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *dims.scalars(plan), 0,
             ATOMIC_OUT=False, WRITE_OUT=False, STORE_STATES=False, WRITE_LAST=False, SEG_END=True,
-            SEG_CARRY=False, CARRY_IN_TILE=False, **common)
+            SEG_CARRY=False, **common)
     _scan_fwd_kernel[plan.grid(dims.slots, dims.batch)](
         *prefix, out if out is not None else ph, *(out_strides or (0, 0, 0, 0)),
         states if states is not None else ph, last if last is not None else ph, *seg_bufs,
         *dims.scalars(plan), 0,
         ATOMIC_OUT=atomic_out, WRITE_OUT=out is not None, STORE_STATES=states is not None,
-        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1,
-        CARRY_IN_TILE=plan.nseg > 1 and _carry_in_tile(plan), **common)
+        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1, **common)
     return seg_bufs if plan.nseg > 1 else None
 
 
