@@ -149,7 +149,9 @@ def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> tuple[torch.Tensor, to
     if not any(lay):
         return t0, t0
     if not _tiled(t):
-        return t0, t.transpose(-1, -2).reshape(b, d, h * w)
+        # from t0 (contiguous by now) and copied: reshape returns a view where it can, e.g. of a gradient that is one
+        # value broadcast (y.sum().backward()), which the kernels would then read with t0's strides
+        return t0, t0.view(b, d, h, w).transpose(-1, -2).contiguous().view(b, d, h * w)
     return t0, transpose_last2(t0.view(b, d, h, w)).view(b, d, h * w)
 
 

@@ -108,8 +108,9 @@ def compare_scan(args, softplus, tol, ref_dtype=torch.float64):
     assert not bad, f"rel errors over {tol}: {bad}"
 
 
-def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None):
-    # clone keeps the strides (channels-last inputs stay channels last)
+def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None, expanded_grad=False):
+    """``expanded_grad``: the output's gradient one value broadcast (all strides 0), as ``y.sum().backward()``
+    gives it, instead of random values. Clone keeps the strides (channels-last inputs stay channels last)."""
     tri = [t.detach().clone().requires_grad_(True) for t in args]
     ref = [t.detach().to(ref_dtype).requires_grad_(True) for t in args]
     y = ss2d_core_triton(*tri, route=route)
@@ -118,6 +119,8 @@ def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None):
     monkeypatch.setenv("VM_UNET_BACKEND", "triton")
     assert y.dtype == args[0].dtype and y.shape == args[0].shape
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    if expanded_grad:
+        g = torch.ones((), device=y.device).expand(y.shape)
     errs = {"y": rel(y, y_r)}
     for n, a, b in zip(SS2D_NAMES, grads(y, tri, g.to(y.dtype)), grads(y_r, ref, g.to(ref_dtype))):
         assert a.shape == b.shape, n
@@ -297,6 +300,20 @@ def test_ss2d_with_tiled_layout_copies(dtype, layout, monkeypatch):
     args = ss2d_inputs(2, 5, 3, 7, 3, 16, dtype)
     compare_ss2d(channels_last(args) if layout == "channels_last" else args, "cross",
                  1e-5 if dtype == torch.float32 else 2e-2, monkeypatch=monkeypatch)
+
+
+# the output's gradient as y.sum().backward() gives it: one value, all strides 0. The backward's copy of it for the
+# column-major directions was a view of that one value, read as a whole image; both layouts, copies by PyTorch and
+# tiled
+@cpu_only
+@pytest.mark.parametrize("layout", ["channel_first", "channels_last"])
+@pytest.mark.parametrize("min_numel", [1, 1 << 23])
+def test_ss2d_broadcast_output_gradient(layout, min_numel, monkeypatch):
+    from vm_unet.kernels import triton_ss2d
+    monkeypatch.setitem(triton_ss2d.LAYOUT_OPTS, "triton_min_numel", min_numel)
+    args = ss2d_inputs(2, 5, 3, 7, 3, 16, torch.float32)
+    compare_ss2d(channels_last(args) if layout == "channels_last" else args, "cross", 1e-5,
+                 monkeypatch=monkeypatch, expanded_grad=True)
 
 
 # Δ materialised by one GEMM (the default from rank 12 and d_state 8 on) instead of the in-kernel low-rank product:
