@@ -23,8 +23,9 @@ Segments (parallel over L). With few (batch, slot, channel-block) rows, e.g. one
 per program leaves the GPU empty, so L is cut into NSEG segments of CPS chunks: a first pass (``SEG_END``) runs
 each segment from a zero state and stores its end state and ΣΔ; the segment's total decay is exp(A·ΣΔ), so the
 main pass starts segment s from ``h = Σ_{t<s} (Π_{t<t'<s} exp(A ΣΔ_t')) h_end_t`` (``SEG_CARRY``), folded in its
-prologue. The backward mirrors it for dh: a pass (``DH_ONLY``) runs each segment's reverse recurrence from zero and
-stores ``q_s = a_{first} dh_{first}``; the main pass starts from ``G_s = Σ_{t>s} ... q_t``.
+prologue. The backward mirrors it for dh: each segment's reverse recurrence run from zero gives
+``q_s = a_{first} dh_{first}``, and the main pass starts from ``G_s = Σ_{t>s} ... q_t``. The backward's states pass
+sums q_s in forward order (``DH_CARRY``, ``_dh_in_states``), or else a pass of its own (``DH_ONLY``) runs it.
 
 Backward recomputes everything from the inputs: a forward pass stores only the chunk-start states (fp32,
 N/BL of the size of u), then a reverse pass rebuilds each chunk's states from its start state and runs the
@@ -35,6 +36,7 @@ per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment) part
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -423,6 +425,8 @@ def _scan_fwd_kernel(
     out_ptr, s_ob, s_ok, s_od, s_ol,
     state_ptr, last_ptr,
     hend_ptr, sdl_ptr,                       # segment end states (b, K, NSEG, DK, NP) and ΣΔ (b, K, NSEG, DK)
+    g_ptr, g1_ptr, s_gb, s_gk, s_gd, s_gl,   # DH_CARRY: the output gradient, as the backward kernel reads it
+    q_ptr,                                   # DH_CARRY: segment dh carries (b, K, NSEG, DK, NP)
     K, DK, L, N, R, NCHUNK, NSEG, CPS, SEG0,
     BD: tl.constexpr, NP: tl.constexpr, BL: tl.constexpr,
     GATHER: tl.constexpr, AFFINE: tl.constexpr, LINES: tl.constexpr, KMAP: tl.constexpr, LOWRANK: tl.constexpr,
@@ -430,12 +434,13 @@ def _scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_OUT: tl.constexpr, WRITE_OUT: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_LAST: tl.constexpr, SEG_END: tl.constexpr, SEG_CARRY: tl.constexpr,
     CARRY_IN_TILE: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, PREFETCH: tl.constexpr,
-    RP: tl.constexpr,
+    RP: tl.constexpr, DH_CARRY: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
         kmap_ptr, idx_ptr, s_ib, s_ik, line_ptr, K, DK, N, NCHUNK, NSEG, SEG0, BD, NP, BL, KMAP)
     p0, dp = _route_line(idx_base, AFFINE)
     u_base = _slot_base(u_ptr, u1_ptr, ku, s_uk, KMAP) + b * s_ub
+    g_base = _slot_base(g_ptr, g1_ptr, ku, s_gk, KMAP) + b * s_gb
     dt_base = dt_ptr + b * s_tb + k * s_tk
     w_base = w_ptr + k * s_wk
     B_base = B_ptr + b * s_Bb + k * s_Bk
@@ -469,6 +474,12 @@ def _scan_fwd_kernel(
                 tl.store(st_base + c0 * NP, h_in, mask=dmask[None, :])
         else:
             h = h_in
+    if DH_CARRY:
+        # the segment's dh carry for the backward (``_dh_in_states``): q = a_first dh_first with dh run back from
+        # zero over the segment, i.e. q = Σ_l P_l C_l g_l, P_l the product of the decays from the segment's start
+        # through l, accumulated here in the forward's order
+        P = tl.full([NP, BD], 1.0, dtype=tl.float32)
+        q = tl.zeros([NP, BD], dtype=tl.float32)
     if RP > 0:
         wt = _lowrank_weights(w_base, d, dmask, R, s_wd, RP)
     if PREFETCH:
@@ -521,6 +532,14 @@ def _scan_fwd_kernel(
         if not PREFETCH:
             Bt = _load_tile(B_base, pos, lmask, n, nmask, s_Bl, s_Bn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
+        if DH_CARRY:
+            # before the state's tiles exist, so the two sets of tiles are not live together
+            Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
+            gt = _load_tile(g_base, pos, lmask, d, dmask, s_gl, s_gd, POS_LAST)
+            # P entering through the first row, as the carried state does in _scan_rows
+            Ps = tl.cumprod(tl.where(j[:, None, None] == 0, a * P[None, :, :], a), 0)
+            q += tl.sum(Ps * (Ct[:, :, None] * gt[:, None, :]), axis=0)
+            P = _row(Ps, j, BL - 1, False)
         bx = (dl * u)[:, None, :] * Bt[:, :, None]
         if SEG_CARRY and CARRY_IN_TILE:   # h_0 = a_0 h_in + b_0
             bx += tl.where((j[:, None, None] == 0) & (c == c0), a * h_in[None, :, :], 0.0)
@@ -540,6 +559,8 @@ def _scan_fwd_kernel(
     if SEG_END:
         tl.store(hend_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], h, mask=dmask[None, :])
         tl.store(sdl_ptr + (row + seg) * DK + d, sdl, mask=dmask)
+    if DH_CARRY:
+        tl.store(q_ptr + ((row + seg) * DK + d[None, :]) * NP + n[:, None], q, mask=dmask[None, :])
     if WRITE_LAST:
         if seg == NSEG - 1:
             tl.store(last_ptr + (b * K * DK + ch[None, :]) * N + n[:, None], h, mask=nmask[:, None] & dmask[None, :])
@@ -614,7 +635,9 @@ def _scan_bwd_kernel(
         for si in range(0, NSEG - 1 - seg):
             t = NSEG - 1 - si
             qv = tl.load(q_ptr + ((row + t) * DK + d[None, :]) * NP + n[:, None], mask=dmask[None, :], other=0.0)
-            sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask, other=0.0)
+            # the last segment's decay multiplies G = 0 and is never read: the forward's ΣΔ (``_dh_in_states``)
+            # has no entry for it (t as a tensor in the mask, as in the forward's state stores)
+            sd = tl.load(sdl_ptr + (row + t) * DK + d, mask=dmask & (d * 0 + t < NSEG - 1), other=0.0)
             G = qv + _exp2(A2 * sd[None, :], FAST_EXP) * G
         if not CARRY_IN_TILE:
             carry = G
@@ -947,6 +970,18 @@ def _poly_softplus(plan: LaunchPlan) -> bool:
     return plan.np <= 2
 
 
+def _dh_in_states(plan: LaunchPlan, flags: dict) -> bool:
+    """Whether the backward's states pass, where it splits L into segments, also sums each segment's dh carry
+    (``DH_CARRY``), so the backward runs under its segments and skips its own dh-carry pass (``DH_ONLY``): for the
+    N > 2 tiles without a z gate (the gate's derivative would need z there too). The states pass already walks
+    every segment forward and computes its decays; the dh-carry pass recomputed Δ and the decays, and read
+    everything again, for three products an element. Measured on H200 (BENCHMARKS.md, twenty-fourth session,
+    fused SS2D N=16): states pass + dh-carry pass 0.73 + 0.76 -> 1.26 ms at stage 1 of 1024² b2 (bf16; fp32 0.79 +
+    0.80 -> 1.30), 1.44 + 1.54 -> 2.53 ms at 2048² b1; the backward kernel, under the forward's segments (43
+    against its own 22 at 1024² b2), unchanged. Other tiles for the pass (8 channels; two warps) were no faster."""
+    return plan.np > 2 and not flags.get("HAS_Z", False)
+
+
 def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, plan.np, **f32),
@@ -955,10 +990,13 @@ def _segment_buffers(dims: ScanDims, plan: LaunchPlan, device) -> tuple[torch.Te
 
 def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *, out=None, out_strides=None,
                  atomic_out=False, states=None, last=None,
-                 seg_ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                 seg_ends: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 dh_carry: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch the forward kernel: segment end states first when L is split (``LaunchPlan.nseg`` > 1), then the
     main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers (end
-    states, ΣΔ); ``seg_ends``: those of an earlier run on the same inputs and plan, which skips their pass."""
+    states, ΣΔ); ``seg_ends``: those of an earlier run on the same inputs and plan, which skips their pass.
+    ``dh_carry``: (q, the output gradient, its slot-1 tensor, *its strides), where the main pass also sums each
+    segment's dh carry into q (see ``_dh_in_states``)."""
     ph = prefix[0]  # placeholder for pointers a variant never touches
     if plan.nseg > 1 and seg_ends is not None:
         seg_bufs = seg_ends
@@ -967,18 +1005,21 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     common = dict(**plan.launch_opts(), FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags),
                   PREFETCH=_prefetch(plan), RP=_lowrank_tile(plan, dims.rank, flags),
                   CARRY_IN_TILE=_carry_in_tile(plan), **_kernel_flags(flags))
+    no_dh = (ph, ph, 0, 0, 0, 0, ph)
     if plan.nseg > 1 and seg_ends is None:
         # the last segment's end state is never carried anywhere: nseg - 1 segments
         _scan_fwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
-            *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *dims.scalars(plan), 0,
+            *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *no_dh, *dims.scalars(plan), 0,
             ATOMIC_OUT=False, WRITE_OUT=False, STORE_STATES=False, WRITE_LAST=False, SEG_END=True,
-            SEG_CARRY=False, **common)
+            SEG_CARRY=False, DH_CARRY=False, **common)
+    dh_args = (*dh_carry[1:], dh_carry[0]) if dh_carry is not None else no_dh
     _scan_fwd_kernel[plan.grid(dims.slots, dims.batch)](
         *prefix, out if out is not None else ph, *(out_strides or (0, 0, 0, 0)),
-        states if states is not None else ph, last if last is not None else ph, *seg_bufs,
+        states if states is not None else ph, last if last is not None else ph, *seg_bufs, *dh_args,
         *dims.scalars(plan), 0,
         ATOMIC_OUT=atomic_out, WRITE_OUT=out is not None, STORE_STATES=states is not None,
-        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1, **common)
+        WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1, DH_CARRY=dh_carry is not None,
+        **common)
     return seg_bufs if plan.nseg > 1 else None
 
 
@@ -1001,23 +1042,36 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     slot-1 tensor, *strides); ``du``, ``ddt``, ``dB``, ``dC`` are (tensor, *strides) tuples. What a training forward
     kept spares work here: ``states``, the chunk-start states (``scan_forward(..., states=...)`` under a plan with
     the same ``same_states_layout``), skip the states pass; ``seg_ends``, the segment end states and ΣΔ of the
-    forward's run and its plan, skip the states pass's own end-state pass. Returns the per-channel parameter
+    forward's run and its plan, skip the states pass's own end-state pass. Where the states pass splits L, it also
+    sums the dh carries (``_dh_in_states``) and the backward takes its segments. Returns the per-channel parameter
     gradients (dA, dD, dδ_bias), (slots*channels, N) and (slots*channels,), summed over batch and segments."""
     ph = prefix[0]
     dev = ph.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    q = sdl = None
     if states is None:
-        states = torch.empty(states_numel(dims.batch, dims.slots, dims.channels, plan), device=dev,
-                             dtype=torch.float32)
+        states = torch.empty(states_numel(dims.batch, dims.slots, dims.channels, plan), **f32)
         if seg_ends is not None and same_states_layout(seg_ends[2], plan):
             # the states pass runs under the forward's plan (channel block, segments), whose end states it reuses
-            scan_forward(prefix, dims, seg_ends[2], flags, states=states, seg_ends=seg_ends[:2])
+            splan, known_ends = seg_ends[2], seg_ends[:2]
         else:
             # under the forward's tile where the states layout allows: its 16 channels a program replicate the
             # per-(position, channel) work (Δ, softplus) over 2 state lanes, not 4 (H200, eighteenth session,
             # stage 1 at 256² b32 bf16: states pass 0.96 -> 0.70 ms)
             fplan = launch_plan(dims.n_state, dims.length, dims.channels, False, dims.batch * dims.slots,
                                 flags.get("FEATURE_LAST", False), for_backward=True)
-            scan_forward(prefix, dims, fplan if same_states_layout(fplan, plan) else plan, flags, states=states)
+            splan, known_ends = (fplan if same_states_layout(fplan, plan) else plan), None
+        dh_carry = None
+        if splan.nseg > 1 and _dh_in_states(splan, flags):
+            q = torch.empty(dims.batch, dims.slots, splan.nseg, dims.channels, splan.np, **f32)
+            dh_carry = (q, *g)
+            plan = dataclasses.replace(plan, nseg=splan.nseg, cps=splan.cps)
+            # uncapped: under the forward's 168 registers the pass spilled, and ran 1.70 ms against 1.26 (see
+            # _dh_in_states)
+            splan = dataclasses.replace(splan, maxnreg=None)
+        seg_bufs = scan_forward(prefix, dims, splan, flags, states=states, seg_ends=known_ends, dh_carry=dh_carry)
+        if dh_carry is not None:
+            sdl = seg_bufs[1]
     # R is a compile-time constant of the backward: its Δ loop is unrolled (measured faster; the forward's was not)
     rp = _lowrank_tile(plan, dims.rank, flags)
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du, RP=rp,
@@ -1029,19 +1083,18 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
                   **dict(_kernel_flags(flags), AFFINE=flags["AFFINE"] and _unroll_rows(plan),
                          LINES=flags["LINES"] and _unroll_rows(plan)))
     rows = dims.batch * plan.nseg
-    f32 = dict(device=dev, dtype=torch.float32)
     dA = torch.empty(rows, dims.slots * dims.channels, dims.n_state, **f32)
     dD = torch.empty(rows, dims.slots * dims.channels, **f32)
     dbias = torch.empty(rows, dims.slots * dims.channels, **f32)
     grads = (*g, states, *du, *ddt, dz if dz is not None else ph, *dB, *dC, dA, dD, dbias)
-    if plan.nseg > 1:
+    if plan.nseg > 1 and q is None:
         # the dh-carry pass writes each later segment's carry and ΣΔ (segments 1..nseg-1, the only ones read)
         sdl = torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, **f32)
         q = torch.empty(*sdl.shape, plan.np, **f32)
         # segment 0's carry is never used: segments 1..nseg-1
         _scan_bwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
             *prefix, *grads, q, sdl, *dims.scalars(plan, with_rank=False), 1, DH_ONLY=True, SEG_CARRY=False, **common)
-    else:
+    elif q is None:
         q = sdl = ph
     _scan_bwd_kernel[plan.grid(dims.slots, dims.batch)](
         *prefix, *grads, q, sdl, *dims.scalars(plan, with_rank=False), 0, DH_ONLY=False, SEG_CARRY=plan.nseg > 1,

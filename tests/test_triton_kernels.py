@@ -139,6 +139,22 @@ def forward_layouts(monkeypatch) -> list:
     return layouts
 
 
+def backward_launches(monkeypatch) -> list:
+    """Records (DH_ONLY, the segments L is cut into) of each backward-kernel launch from now on, in order."""
+    from vm_unet.kernels import triton_scan_core as core
+    launches: list = []
+    kernel = core._scan_bwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["DH_ONLY"], args[-3]))   # the arguments end NSEG, CPS, SEG0
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(core, "_scan_bwd_kernel", Recorder())
+    return launches
+
+
 # ---------------------------------------------------------------- CPU (interpreter), tiny shapes
 
 _ELEMENTWISE_X = torch.cat([torch.tensor([-200.0, -100.0, -87.0, -30.0, -1e-3, -1e-8, 0.0, 1e-8, 1e-3, 30.0, 100.0]),
@@ -363,8 +379,9 @@ def test_ss2d_backward_uses_the_forward_states(segments, monkeypatch):
 
 
 # N=4 (chunk-start states too large to keep) with L split: the forward keeps its segment end states and ΣΔ, and the
-# backward's states pass runs under the forward's plan from them, with no end-state pass of its own; also when the
-# backward splits L differently from the forward (its own dh carries then use its own segments)
+# backward's states pass runs under the forward's plan from them, with no end-state pass of its own. It also sums
+# the segments' dh carries, so the backward runs under the forward's segments, even where its own plan splits L
+# differently, with no dh-carry pass
 @cpu_only
 @pytest.mark.parametrize("segments", [(3, 3), (3, 2), (2, 4)])
 def test_ss2d_backward_reuses_the_forward_segment_ends(segments, monkeypatch):
@@ -375,10 +392,12 @@ def test_ss2d_backward_reuses_the_forward_segment_ends(segments, monkeypatch):
     monkeypatch.setattr(core, "_segment_buffers", lambda dims, plan, dev: end_passes.append(plan.nseg) or
                         real(dims, plan, dev))
     layouts = forward_layouts(monkeypatch)
+    backward = backward_launches(monkeypatch)
     compare_ss2d(ss2d_inputs(2, 3, 5, 7, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
     assert end_passes == [segments[0]]      # the forward's; the backward's states pass reused them
     # the forward ran channels last (both layouts' plans cut L alike), the states pass channel first
     assert layouts == [True, False]
+    assert backward == [(False, segments[0])]
 
 
 # which layout a forward given channel-first operands runs in (``_runs_channels_last``), at the GPU's plans
@@ -512,7 +531,13 @@ def test_segmented_scan_matches_reference(segments, monkeypatch):
     from vm_unet.kernels import triton_scan_core as core
     monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (2, 4, 1), "bwd": (2, 4, 1), "segments": segments})
     compare_ss2d(ss2d_inputs(2, 3, 3, 5, 2, 4, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
-    compare_scan(scan_inputs(1, 6, 9, 4, 2, torch.float32), softplus=True, tol=1e-5)
+    # with a z gate the backward sums its own dh carries (DH_ONLY); without, its states pass does (DH_CARRY), here
+    # from end states of its own
+    for z in (True, False):
+        backward = backward_launches(monkeypatch)
+        compare_scan(scan_inputs(1, 6, 9, 4, 2, torch.float32, z=z), softplus=True, tol=1e-5)
+        nseg = min(segments, 3)
+        assert backward == ([(True, nseg)] if z else []) + [(False, nseg)]
 
 
 def test_launch_plan_segments_only_when_the_grid_is_small(monkeypatch):
@@ -998,5 +1023,9 @@ def test_gpu_long_sequence_no_nan():
     out.float().sum().backward()
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(t.grad).all() for t in tri if t is not None)
-    x = ss2d_inputs(1, 8, 512, 512, 2, 16, torch.float32, device="cuda")
-    assert torch.isfinite(ss2d_core_triton(*x)).all()
+    # fused SS2D at 512² (about a thousand segments; the states pass sums their dh carries), gradients too
+    x = [t.requires_grad_(True) for t in ss2d_inputs(1, 8, 512, 512, 2, 16, torch.float32, device="cuda")]
+    y = ss2d_core_triton(*x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in x)
