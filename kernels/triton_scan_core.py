@@ -1062,7 +1062,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
                                 flags.get("FEATURE_LAST", False), for_backward=True)
             splan, known_ends = (fplan if same_states_layout(fplan, plan) else plan), None
         dh_carry = None
-        if splan.nseg > 1 and _dh_in_states(splan, flags):
+        # only where the backward splits L itself: one that walks all of L needs no carries, whatever the forward did
+        if plan.nseg > 1 and splan.nseg > 1 and _dh_in_states(splan, flags):
             q = torch.empty(dims.batch, dims.slots, splan.nseg, dims.channels, splan.np, **f32)
             dh_carry = (q, *g)
             plan = dataclasses.replace(plan, nseg=splan.nseg, cps=splan.cps)
