@@ -36,10 +36,9 @@ per-channel parameter gradients (dA, dD, dδ_bias) are per-(batch, segment) part
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -995,7 +994,7 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
     """Launch the forward kernel: segment end states first when L is split (``LaunchPlan.nseg`` > 1), then the
     main pass (writes ``out``, or the chunk-start ``states`` for the backward). Returns the segment buffers (end
     states, ΣΔ); ``seg_ends``: those of an earlier run on the same inputs and plan, which skips their pass.
-    ``dh_carry``: (q, the output gradient, its slot-1 tensor, *its strides), where the main pass also sums each
+    ``dh_carry``: (the output gradient, its slot-1 tensor, *its strides, q), where the main pass also sums each
     segment's dh carry into q (see ``_dh_in_states``)."""
     ph = prefix[0]  # placeholder for pointers a variant never touches
     if plan.nseg > 1 and seg_ends is not None:
@@ -1012,10 +1011,9 @@ def scan_forward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, *
             *prefix, ph, 0, 0, 0, 0, ph, ph, *seg_bufs, *no_dh, *dims.scalars(plan), 0,
             ATOMIC_OUT=False, WRITE_OUT=False, STORE_STATES=False, WRITE_LAST=False, SEG_END=True,
             SEG_CARRY=False, DH_CARRY=False, **common)
-    dh_args = (*dh_carry[1:], dh_carry[0]) if dh_carry is not None else no_dh
     _scan_fwd_kernel[plan.grid(dims.slots, dims.batch)](
         *prefix, out if out is not None else ph, *(out_strides or (0, 0, 0, 0)),
-        states if states is not None else ph, last if last is not None else ph, *seg_bufs, *dh_args,
+        states if states is not None else ph, last if last is not None else ph, *seg_bufs, *(dh_carry or no_dh),
         *dims.scalars(plan), 0,
         ATOMIC_OUT=atomic_out, WRITE_OUT=out is not None, STORE_STATES=states is not None,
         WRITE_LAST=last is not None, SEG_END=False, SEG_CARRY=plan.nseg > 1, DH_CARRY=dh_carry is not None,
@@ -1065,11 +1063,11 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
         # only where the backward splits L itself: one that walks all of L needs no carries, whatever the forward did
         if plan.nseg > 1 and splan.nseg > 1 and _dh_in_states(splan, flags):
             q = torch.empty(dims.batch, dims.slots, splan.nseg, dims.channels, splan.np, **f32)
-            dh_carry = (q, *g)
-            plan = dataclasses.replace(plan, nseg=splan.nseg, cps=splan.cps)
+            dh_carry = (*g, q)
+            plan = replace(plan, nseg=splan.nseg, cps=splan.cps)
             # uncapped: under the forward's 168 registers the pass spilled, and ran 1.70 ms against 1.26 (see
             # _dh_in_states)
-            splan = dataclasses.replace(splan, maxnreg=None)
+            splan = replace(splan, maxnreg=None)
         seg_bufs = scan_forward(prefix, dims, splan, flags, states=states, seg_ends=known_ends, dh_carry=dh_carry)
         if dh_carry is not None:
             sdl = seg_bufs[1]
@@ -1088,15 +1086,15 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     dD = torch.empty(rows, dims.slots * dims.channels, **f32)
     dbias = torch.empty(rows, dims.slots * dims.channels, **f32)
     grads = (*g, states, *du, *ddt, dz if dz is not None else ph, *dB, *dC, dA, dD, dbias)
-    if plan.nseg > 1 and q is None:
+    if plan.nseg == 1:
+        q = sdl = ph
+    elif q is None:   # not summed by the states pass
         # the dh-carry pass writes each later segment's carry and ΣΔ (segments 1..nseg-1, the only ones read)
         sdl = torch.empty(dims.batch, dims.slots, plan.nseg, dims.channels, **f32)
         q = torch.empty(*sdl.shape, plan.np, **f32)
         # segment 0's carry is never used: segments 1..nseg-1
         _scan_bwd_kernel[plan.grid(dims.slots, dims.batch, plan.nseg - 1)](
             *prefix, *grads, q, sdl, *dims.scalars(plan, with_rank=False), 1, DH_ONLY=True, SEG_CARRY=False, **common)
-    elif q is None:
-        q = sdl = ph
     _scan_bwd_kernel[plan.grid(dims.slots, dims.batch)](
         *prefix, *grads, q, sdl, *dims.scalars(plan, with_rank=False), 0, DH_ONLY=False, SEG_CARRY=plan.nseg > 1,
         **common)
