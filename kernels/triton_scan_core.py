@@ -153,18 +153,6 @@ def _softplus(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _softplus_libm(x):
-    # the same function through tl.exp / tl.log and Goldberg's log1p correction: about 3x the instructions, yet the
-    # N=16 backward measured faster with it (H200, seventeenth session: stage-1 backward kernel 4.29 vs 4.13 ms
-    # fp32), though the N=1 backward is faster without (1.36 vs 2.05 ms; see ``_poly_softplus``). The two forms
-    # agree to about 2.5e-7 relative, far inside the kernels' tolerances
-    t = tl.exp(-tl.abs(x))
-    w = 1.0 + t
-    lg = tl.where(w == 1.0, t, tl.log(w) * t / (w - 1.0))
-    return tl.maximum(x, 0.0) + lg
-
-
-@triton.jit
 def _sigmoid(x, FAST: tl.constexpr):
     # from t = exp(-|x|): 1 / (1 + t) for x >= 0, t / (1 + t) below
     t = _exp_neg_abs(x, FAST)
@@ -338,10 +326,9 @@ def _lowrank_delta_pre(lo, wt, bias):
 
 
 @triton.jit
-def _delta(pre, mask, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, POLY: tl.constexpr):
-    # POLY: the polynomial softplus (forward kernel, N=1 backward) or the libm one (N=16 backward), see _softplus_libm
+def _delta(pre, mask, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     if SOFTPLUS:
-        dl = _softplus(pre, FAST) if POLY else _softplus_libm(pre)
+        dl = _softplus(pre, FAST)
     else:
         dl = pre
     # Δ = 0 outside the valid range gives a = 1, b = 0: padded steps carry the state through unchanged.
@@ -525,7 +512,7 @@ def _scan_fwd_kernel(
         else:
             pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                                POS_LAST)
-        dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, True)
+        dl = _delta(pre, m2, SOFTPLUS, FAST_EXP)
         if SEG_END:
             sdl += tl.sum(dl, axis=0)
         if not PREFETCH:
@@ -590,7 +577,8 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC_DU: tl.constexpr, DH_ONLY: tl.constexpr,
     SEG_CARRY: tl.constexpr, FAST_EXP: tl.constexpr, POS_LAST: tl.constexpr, SCATTER: tl.constexpr,
-    UNROLL: tl.constexpr, POLY: tl.constexpr, RP: tl.constexpr, LR_AHEAD: tl.constexpr, STAGES: tl.constexpr,
+    UNROLL: tl.constexpr, SIG_FROM_DELTA: tl.constexpr, RP: tl.constexpr, LR_AHEAD: tl.constexpr,
+    STAGES: tl.constexpr,
     CARRY_IN_TILE: tl.constexpr,
 ):
     seg, k, b, d, n, j, dmask, nmask, ch, ku, idx_base, line_base, row = _program_tile(
@@ -672,7 +660,7 @@ def _scan_bwd_kernel(
         else:
             pre = _delta_pre_t(dt_base, w_base, d, dmask, pos, lmask, s_td, s_tl, s_wd, R, bias, LOWRANK, BD, BL,
                                POS_LAST)
-        dl = _delta(pre, m2, SOFTPLUS, FAST_EXP, POLY)
+        dl = _delta(pre, m2, SOFTPLUS, FAST_EXP)
         Ct = _load_tile(C_base, pos, lmask, n, nmask, s_Cl, s_Cn, POS_LAST)
         a = _exp2(dl[:, None, :] * A2[None, :, :], FAST_EXP)
         g = _load_tile(g_base, pos, lmask, d, dmask, s_gl, s_gd, POS_LAST)
@@ -721,8 +709,12 @@ def _scan_bwd_kernel(
             ddl = u * dhB + tl.sum(t * A[None, :, :], axis=1)
             dA_acc += tl.sum(t * dl[:, None, :], axis=0)
             if SOFTPLUS:
-                # d softplus = sigmoid, in the same form as Δ above
-                ddl = ddl * _sigmoid(pre, FAST_EXP) if POLY else ddl / (1.0 + tl.exp(-pre))
+                # d softplus = sigmoid(pre), with SIG_FROM_DELTA (``_sigmoid_from_delta``) as exp(pre - Δ), since
+                # exp(Δ) = 1 + exp(pre): one exp from the Δ at hand
+                if SIG_FROM_DELTA:
+                    ddl = ddl * _exp2((pre - dl) * LOG2E, FAST_EXP)
+                else:
+                    ddl = ddl * _sigmoid(pre, FAST_EXP)
             ddl = tl.where(m2, ddl, 0.0)
             dbias_acc += tl.sum(ddl, axis=0)
             dD_acc += tl.sum(g * u, axis=0)
@@ -961,12 +953,14 @@ def _carry_in_tile(plan: LaunchPlan) -> bool:
     return plan.np > 2
 
 
-def _poly_softplus(plan: LaunchPlan) -> bool:
-    """Whether the backward takes softplus and its derivative in the forward kernel's cheap forms (polynomial
-    log1p, one-instruction exp and reciprocal) rather than through libm: for the N <= 2 tile (BL=64) only.
-    Measured on H200 (seventeenth session, stage-1 backward kernel): N=1 fp32 2.05 -> 1.36 ms, bf16 1.46 -> 1.38
-    ms; N=16 (fewer instructions, more spilled) 4.13 -> 4.29 ms fp32, bf16 even."""
-    return plan.np <= 2
+def _sigmoid_from_delta(plan: LaunchPlan, flags: dict) -> bool:
+    """Whether the backward takes softplus' derivative, sigmoid(pre), as exp(pre - Δ) (one exp; exact, since
+    exp(Δ) = 1 + exp(pre), and accurate at both ends: pre - Δ -> 0 above, -> pre below) rather than from
+    exp(-|pre|) with a reciprocal and a select. Measured on H200 (BENCHMARKS.md, twenty-fifth session, backward
+    kernel, 256² b32, with the forward's polynomial softplus in place of libm's): N=16 stage 1 3.20 -> 3.19 ms
+    bf16, 3.41 -> 3.26 fp32, stage 2 -4%; N=1 channels last 1.13 -> 1.00 ms bf16. Not for the N <= 2
+    channel-first tile (BD=4, BL=64), where it measured 7% slower (1.39 -> 1.48 ms bf16)."""
+    return plan.np > 2 or flags.get("FEATURE_LAST", False)
 
 
 def _dh_in_states(plan: LaunchPlan, flags: dict) -> bool:
@@ -1076,7 +1070,8 @@ def scan_backward(prefix: tuple, dims: ScanDims, plan: LaunchPlan, flags: dict, 
     common = dict(**plan.launch_opts(), R=dims.rank, ATOMIC_DU=atomic_du, RP=rp,
                   LR_AHEAD=rp > 0 and _lowrank_ahead(plan),
                   FAST_EXP=_fast_exp(), POS_LAST=_pos_last(plan, flags), SCATTER=_scatter(plan),
-                  UNROLL=_unroll_rows(plan), POLY=_poly_softplus(plan), STAGES=_loop_stages(plan),
+                  UNROLL=_unroll_rows(plan), SIG_FROM_DELTA=_sigmoid_from_delta(plan, flags),
+                  STAGES=_loop_stages(plan),
                   CARRY_IN_TILE=_carry_in_tile(plan),
                   # computed positions measured slower in the N <= 2 backward (see _positions)
                   **dict(_kernel_flags(flags), AFFINE=flags["AFFINE"] and _unroll_rows(plan),

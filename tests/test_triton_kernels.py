@@ -615,7 +615,7 @@ def test_launch_plan_n1_channels_last(monkeypatch):
     bwd = core.launch_plan(1, 4096, 96, backward=True, rows=128, feature_last=True)
     assert (infer.bd, infer.bl, infer.warps) == (32, 32, 1) and (bwd.bd, bwd.bl, bwd.warps) == (32, 16, 1)
     assert core.same_states_layout(train, bwd) and not core.same_states_layout(infer, bwd)
-    assert core._unroll_rows(bwd) and core._poly_softplus(bwd) and not core._scatter(bwd)
+    assert core._unroll_rows(bwd) and not core._scatter(bwd)
     cf = core.launch_plan(1, 4096, 96, backward=True, rows=128)
     assert (cf.bd, cf.bl) == (4, 64)
     assert core.launch_plan(16, 4096, 96, backward=True, rows=128, feature_last=True) == core.launch_plan(
@@ -653,28 +653,44 @@ def test_reduce_scatter_only_on_the_verified_gpu_tile(monkeypatch):
     assert core._scatter(core.launch_plan(16, 4096, 192, backward=True, rows=128))
 
 
-# the backward's two forms of its row scans (unrolled over in-register rows, or tl.associative_scan) and of softplus
-# (libm, or the forward's polynomial), each forced on for a tile that would not take it, L in two segments (so the
-# dh carry between chunks and segments goes through both)
+# the backward's two forms of its row scans (unrolled over in-register rows, or tl.associative_scan) and of
+# softplus' derivative (exp(pre - Δ), or the sigmoid of pre), each forced on for a tile that would not take it, L in
+# two segments (so the dh carry between chunks and segments goes through both)
 @cpu_only
-@pytest.mark.parametrize("unroll,poly", [(True, True), (False, False)])
-def test_backward_scan_and_softplus_forms(unroll, poly, monkeypatch):
+@pytest.mark.parametrize("unroll,sig_from_delta", [(True, False), (False, True)])
+def test_backward_scan_and_softplus_derivative_forms(unroll, sig_from_delta, monkeypatch):
     from vm_unet.kernels import triton_scan_core as core
     monkeypatch.setattr(core, "_unroll_rows", lambda plan: unroll)
-    monkeypatch.setattr(core, "_poly_softplus", lambda plan: poly)
+    monkeypatch.setattr(core, "_sigmoid_from_delta", lambda plan, flags: sig_from_delta)
     monkeypatch.setattr(core, "TILE_OVERRIDE", {"fwd": (8, 4, 1), "bwd": (4, 4, 1), "segments": 2})
     compare_ss2d(ss2d_inputs(1, 6, 3, 5, 2, 16, torch.float32), "cross", 1e-5, monkeypatch=monkeypatch)
 
 
+# softplus and its derivative where pre = Δ_low + δ_bias is far from 0 on either side (δ_bias from -12 to 12 across
+# channels): the derivative from Δ, exp(pre - Δ), must stay accurate where Δ -> pre and where Δ -> exp(pre)
+@cpu_only
+@pytest.mark.parametrize("sig_from_delta", [True, False])
+def test_softplus_derivative_far_from_zero(sig_from_delta, monkeypatch):
+    from vm_unet.kernels import triton_scan_core as core
+    monkeypatch.setattr(core, "_sigmoid_from_delta", lambda plan, flags: sig_from_delta)
+    args = ss2d_inputs(1, 8, 3, 5, 2, 4, torch.float32)
+    args[5] = torch.linspace(-12.0, 12.0, args[5].numel()).view_as(args[5])
+    compare_ss2d(args, "cross", 1e-5, monkeypatch=monkeypatch)
+
+
 # which form each GPU tile takes: unrolled scans where the rows sit in registers (N > 1 tiles fill a warp's lanes with
-# states and channels), the polynomial softplus only for the N <= 2 tile (BL=64, rows across lanes)
+# states and channels); softplus' derivative from Δ except on the N <= 2 channel-first tile (BL=64, rows across lanes)
 def test_backward_forms_by_tile(monkeypatch):
     from vm_unet.kernels import triton_scan_core as core
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(core, "TILE_OVERRIDE", None)
-    for n, unroll, poly in ((16, True, False), (4, True, False), (64, True, False), (2, False, True), (1, False, True)):
+    for n, unroll, from_delta in ((16, True, True), (4, True, True), (64, True, True), (2, False, False),
+                                  (1, False, False)):
         plan = core.launch_plan(n, 4096, 192, backward=True, rows=128)
-        assert (core._unroll_rows(plan), core._poly_softplus(plan)) == (unroll, poly), n
+        assert (core._unroll_rows(plan), core._sigmoid_from_delta(plan, {})) == (unroll, from_delta), n
+    for n in (1, 2, 16):
+        plan = core.launch_plan(n, 4096, 192, backward=True, rows=128, feature_last=True)
+        assert core._sigmoid_from_delta(plan, {"FEATURE_LAST": True}), n
 
 
 @routes.register_route("test_random_pair")
