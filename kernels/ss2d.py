@@ -13,6 +13,10 @@
                                 (K, H*W) static, or (b, K, H*W) per sample (data-dependent routes, e.g. quadtree)
 returns y     (b, D, H, W)      sum over directions of each direction's output, in image layout.
 
+``ss2d_core_packed`` takes dt_low, B and C as the one tensor the block's x_proj makes, proj (b, K, R+2N, H, W) with
+rows [0, R) dt_low, [R, R+N) B and [R+N, R+2N) C: the fused core then moves them between layouts in one pass and
+returns their gradient as one tensor (the three would otherwise be concatenated again by autograd).
+
 Because x_proj is a per-pixel linear map, projecting in image layout and then reading in route order equals
 VMamba's "cross-scan, then project per direction"; the fused Triton kernel exploits exactly this.
 
@@ -78,4 +82,22 @@ def ss2d_core(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
     if use_triton(x):
         from .triton_ss2d import ss2d_core_triton  # noqa: PLC0415 (triton is imported only when used)
         return ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
+    return ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
+
+
+def split_proj(proj: torch.Tensor, rank: int, n_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """proj (b, K, R+2N, H, W) -> views dt_low, B, C."""
+    if proj.dim() != 5 or proj.shape[2] != rank + 2 * n_state:
+        raise ValueError(f"ss2d_core_packed: proj must be (b, K, R+2N = {rank + 2 * n_state}, H, W), "
+                         f"got {tuple(proj.shape)}")
+    return torch.split(proj, [rank, n_state, n_state], dim=2)
+
+
+def ss2d_core_packed(x, proj, dt_weight, dt_bias, A, Ds, route="cross"):
+    """``ss2d_core`` with dt_low, B and C stacked in ``proj`` (see the module docstring)."""
+    dt_low, B, C = split_proj(proj, dt_weight.shape[-1], A.shape[-1])
+    _check(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
+    if use_triton(x):
+        from .triton_ss2d import ss2d_core_packed_triton  # noqa: PLC0415 (triton is imported only when used)
+        return ss2d_core_packed_triton(x, proj, dt_weight, dt_bias, A, Ds, route)
     return ss2d_core_reference(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)

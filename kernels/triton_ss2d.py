@@ -1,6 +1,8 @@
 """Fused SS2D core in Triton: route gather + low-rank Δ + selective scan + merge, forward and backward.
 
-``ss2d_core_triton`` has ``ss2d_core``'s signature and shapes (see ``kernels/ss2d.py``). Per (batch, direction k,
+``ss2d_core_packed_triton`` has ``ss2d_core_packed``'s signature and shapes (see ``kernels/ss2d.py``): dt_low, B and C
+come as one projection tensor, read as three views and returned as one gradient (``ss2d_core_triton`` takes them
+apart, as ``ss2d_core`` does). Per (batch, direction k,
 block of channels) one program reads x (b, D, H, W) through the route's gather map ``idx[k]`` (no direction
 copies), builds Δ = dt_weight[k] @ dt_low on the fly (or, at larger ranks, reads it from one batched GEMM, see
 ``DELTA_OPTS``), scans, and adds its y into one merged fp32 (b, D, H*W)
@@ -18,8 +20,8 @@ Two memory layouts, picked by x's strides (``_feature_last``); the kernels take 
   coalesced; ``_route_plan`` picks that per direction from the index map itself.
 
 The forward runs channels last whatever layout it is given, unless the backward will reuse states that it keeps in
-x's layout (``_runs_channels_last``): channel-first operands are copied in and y back, which measured faster than the
-channel-first kernels' own copies. The backward runs in x's layout.
+x's layout (``_runs_channels_last``): channel-first operands are copied in, which measured faster than the
+channel-first kernels' own copies, and y comes back channels last. The backward runs in x's layout.
 
 Registered as ``vm_unet::ss2d_fwd`` / ``vm_unet::ss2d_bwd`` custom ops (fake impls for torch.compile); inputs of
 any float dtype, fp32 compute, output in x's dtype.
@@ -56,13 +58,18 @@ def chunk_lines(maps: torch.Tensor, bl: int) -> torch.Tensor | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _route_plan_host(route: str, h: int, w: int, transpose_columns: bool, bl: int, pin: bool
-                     ) -> tuple[torch.Tensor, tuple[int, ...], str]:
+def _route_plan_host(route: str, h: int, w: int, transpose_columns: bool, bl: int, pin: bool,
+                     positions_only: bool = False) -> tuple[torch.Tensor, tuple[int, ...], str, int]:
     """Gather maps in the layout each direction reads, which directions are transposed, and the chunk lines of
-    ``bl``-step chunks when the maps need and have them (``chunk_lines``), packed in one host int32 tensor: K*L map
-    entries, the K slot flags, the K*nchunk*2 lines (pinned when it will be copied to a GPU); and how the kernels
-    get positions (``triton_scan_core._positions``): "affine" (every map an arithmetic progression), "lines" or
-    "gather".
+    ``bl``-step chunks when the maps need and have them (``chunk_lines``), packed in one host int32 tensor: K*M map
+    entries, the K slot flags, the K*nchunk*2 lines (pinned when it will be copied to a GPU); how the kernels get
+    positions (``triton_scan_core._positions``): "affine" (every map an arithmetic progression), "lines" or
+    "gather"; and M, the map entries kept per direction.
+
+    ``positions_only``: no launch will gather through the maps where it can compute positions (all but the N <= 2
+    backward), so for "affine" and "lines" only each map's first two entries are kept (M = 2, what ``_route_line``
+    reads) instead of all L: every call copies the packed tensor to the GPU, 16 bytes a position at K=4, which at
+    2048² took 0.8 ms of a 113 ms training step (H200, twenty-sixth session).
 
     ``transpose_columns`` (the channel-first layout): a direction whose steps are contiguous in the transposed image
     (column-major routes) reads a transposed copy of x (one extra copy for all such directions, not one per
@@ -86,25 +93,28 @@ def _route_plan_host(route: str, h: int, w: int, transpose_columns: bool, bl: in
         lines = chunk_lines(eff, bl)
         mode = "lines" if lines is not None else mode
     # int32 keeps a map at 4 bytes a position; H*W < 2**31 always here
+    if positions_only and mode != "gather":
+        eff = eff[:, :2]
     parts = [eff.flatten(), lay] + ([lines.flatten()] if lines is not None else [])
     packed = torch.cat([t.to(torch.int32) for t in parts])
-    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay), mode
+    return (packed.pin_memory() if pin else packed), tuple(int(v) for v in lay), mode, eff.shape[1]
 
 
-def _route_plan(route: str, h: int, w: int, device, transpose_columns: bool, bl: int
+def _route_plan(route: str, h: int, w: int, device, transpose_columns: bool, bl: int, positions_only: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor | None, str]:
-    """(gather maps (K, L), slot map (K,), transposed flags, chunk lines or None, positions mode) on ``device``. The
-    maps are
-    cached on the host and copied (asynchronously, 4 bytes a position) on every call: a cached GPU copy first built
-    while CUDA graphs are captured or warmed up (``torch.compile(mode="reduce-overhead")``) would sit in the graphs'
-    private memory pool, which must hold only the graph's own tensors."""
+    """(gather maps (K, L), or (K, 2) with ``positions_only`` (see ``_route_plan_host``), slot map (K,),
+    transposed flags, chunk lines or None, positions mode) on ``device``. The maps are cached on the host and
+    copied (asynchronously) on every call: a cached GPU copy first built while CUDA graphs are captured or warmed up
+    (``torch.compile(mode="reduce-overhead")``) would sit in the graphs' private memory pool, which must hold only
+    the graph's own tensors."""
     device = torch.device(device)
-    packed, lay, mode = _route_plan_host(route, h, w, transpose_columns, bl, device.type == "cuda")
+    packed, lay, mode, m = _route_plan_host(route, h, w, transpose_columns, bl, device.type == "cuda",
+                                            positions_only)
     if packed.device != device:
         packed = packed.to(device, non_blocking=True)
-    k, length = len(lay), h * w
-    lines = packed[k * length + k:] if mode == "lines" else None
-    return packed[:k * length].view(k, length), packed[k * length:k * length + k], lay, lines, mode
+    k = len(lay)
+    lines = packed[k * m + k:] if mode == "lines" else None
+    return packed[:k * m].view(k, m), packed[k * m:k * m + k], lay, lines, mode
 
 
 # The layout copies below (transposes, the merge of the two accumulators) run as the tiled Triton kernel of
@@ -122,20 +132,23 @@ def _tiled(t: torch.Tensor) -> bool:
     return t.numel() >= LAYOUT_OPTS["triton_min_numel_captured" if captured else "triton_min_numel"]
 
 
-def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(b, K, C, rows*cols) -> same in ``dtype`` (default t's), with the directions flagged in the route plan
-    (``maps`` from ``_maps_for``) transposed to (cols, rows); tiled: one pass, the cast on the store."""
-    dtype, lay = dtype or t.dtype, maps[4]
+def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, K, C, rows*cols) -> same, with the directions flagged in the route plan (``maps`` from ``_maps_for``)
+    transposed to (cols, rows), into ``out`` (any strides over (b, K, C), positions contiguous; its dtype: the cast
+    on the store) or a new tensor; tiled: one pass."""
+    lay = maps[4]
+    if out is None:
+        out = torch.empty(t.shape, device=t.device, dtype=t.dtype)
     if not any(lay):
-        return t.to(dtype)
+        return out.copy_(t)
     if not _tiled(t):
         b, k, c, _ = t.shape
-        parts = [t[:, i].reshape(b, c, rows, cols).transpose(-1, -2).reshape(b, c, rows * cols) if lay[i]
-                 else t[:, i] for i in range(k)]
-        return torch.stack(parts, 1).to(dtype)
-    out = torch.empty(t.shape, device=t.device, dtype=dtype)
-    return transpose_last2(t.unflatten(-1, (rows, cols)), out=out.unflatten(-1, (cols, rows)),
-                           which=maps[3]).flatten(-2)
+        for i in range(k):
+            out[:, i].copy_(t[:, i].reshape(b, c, rows, cols).transpose(-1, -2).reshape(b, c, rows * cols)
+                            if lay[i] else t[:, i])
+        return out
+    transpose_last2(t.unflatten(-1, (rows, cols)), out=out.unflatten(-1, (cols, rows)), which=maps[3])
+    return out
 
 
 def _two_layouts(t: torch.Tensor, h: int, w: int, lay) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,20 +208,8 @@ def _seq_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _position_major(b: int, k: int, c: int, h: int, w: int, **kw) -> torch.Tensor:
-    """A (b, K, c, H, W) tensor stored (b, H, W, K, c): how dB and dC are returned channels last."""
+    """A (b, K, c, H, W) tensor stored (b, H, W, K, c): the layout of the channels-last block's projection."""
     return torch.empty(b, h, w, k, c, **kw).permute(0, 3, 4, 1, 2)
-
-
-def _states_grad_out(t: torch.Tensor, dtype: torch.dtype, h: int, w: int) -> torch.Tensor:
-    """dB or dC accumulated (b, K, N, L) fp32 -> (b, K, N, H, W) in ``dtype``, stored (b, H, W, K, N) as B and C come
-    channels last: one transposing cast."""
-    b, k, n, L = t.shape
-    out = _position_major(b, k, n, h, w, device=t.device, dtype=dtype)
-    if _tiled(t):
-        transpose_last2(t.view(b, k * n, L), out=out.permute(0, 3, 4, 1, 2).view(b, L, k * n))
-    else:
-        out.copy_(t.view(b, k, n, h, w))
-    return out
 
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -220,8 +221,8 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _to_position_major(t: torch.Tensor) -> torch.Tensor:
-    """(b, K, c, H, W) with positions contiguous (e.g. a slice of the channel-first block's projection) -> the same
-    stored (b, H, W, K, c), as the block's projections come channels last: one tiled transpose where large, else
+    """(b, K, c, H, W) with positions contiguous (the channel-first block's projection) -> the same stored
+    (b, H, W, K, c), as the block's projections come channels last: one tiled transpose where large, else
     ``_seq_view``'s copy."""
     b, k, c, h, w = t.shape
     if not (_tiled(t) and t.stride(4) == 1 and t.stride(3) == w):
@@ -231,45 +232,36 @@ def _to_position_major(t: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 4, 1, 2)
 
 
-def _lowrank_grad_empty(b: int, k: int, r: int, h: int, w: int, **kw) -> torch.Tensor:
-    """d dt_low (b, K, R, H, W) as the channels-last backward's GEMM writes it: stored (K, b, H, W, R)."""
-    return torch.empty(k, b, h, w, r, **kw).permute(1, 0, 4, 2, 3)
-
-
 class _Operands:
     """The op's inputs as the kernels read them: x as (b, D, L) views (slot 0 and slot 1, see ``_two_layouts``),
-    dt_low/B/C as (b, K, c, L) views, the route maps, and the layout."""
+    dt_low/B/C as (b, K, c, L) views of the projection (b, K, R+2N, H, W), the route maps, and the layout."""
 
-    def __init__(self, x, dt_low, B, C, route: str, order: Optional[torch.Tensor], bl: int,
-                 to_channels_last: bool = False):
+    def __init__(self, x, proj, rank: int, route: str, order: Optional[torch.Tensor], bl: int,
+                 to_channels_last: bool = False, positions_only: bool = True):
         b, d, h, w = x.shape
         self.b, self.d, self.h, self.w, self.L = b, d, h, w, h * w
-        # channel-first operands run channels last (``_runs_channels_last``): each copied once into that layout,
-        # and y copied back to channel first
-        self.copied_in = to_channels_last and not _feature_last(x)
-        if self.copied_in:
-            x = _to_channels_last(x)
-            dt_low, B, C = (_to_position_major(t) for t in (dt_low, B, C))
+        # channel-first operands run channels last (``_runs_channels_last``): each copied once into that layout
+        if to_channels_last and not _feature_last(x):
+            x, proj = _to_channels_last(x), _to_position_major(proj)
         self.feature_last = _feature_last(x)
-        self.maps = _maps_for(route, order, h, w, x.device, not self.feature_last, bl)
+        self.maps = _maps_for(route, order, h, w, x.device, not self.feature_last, bl, positions_only)
         if self.feature_last:
             xs = x.permute(0, 2, 3, 1).reshape(b, h * w, d).transpose(1, 2)   # a view, channels innermost
             self.xx = (xs, xs)
-            self.lows, self.Bs, self.Cs = (_seq_view(t) for t in (dt_low, B, C))
+            proj = _seq_view(proj)
         else:
             self.xx = _two_layouts(x, h, w, self.maps[4])
-            k = dt_low.shape[1]
-            self.lows, self.Bs, self.Cs = (_swap(t.reshape(b, k, -1, self.L), self.maps, h, w).contiguous()
-                                           for t in (dt_low, B, C))
+            # one pass for all three, each direction in its read layout
+            proj = _swap(proj.reshape(b, proj.shape[1], -1, self.L), self.maps, h, w)
+        n = (proj.shape[2] - rank) // 2
+        self.lows, self.Bs, self.Cs = proj[:, :, :rank], proj[:, :, rank:rank + n], proj[:, :, rank + n:]
 
     def image_out(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``."""
+        """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``, in the
+        layout the kernels ran in: channels last also where x was copied in (the block's LayerNorm over channels
+        reads it along its contiguous axis, and no transposing cast is paid on the way out)."""
         if self.feature_last:
-            b, d, h, w = self.b, self.d, self.h, self.w
-            if self.copied_in and _tiled(acc):   # back to the caller's channel-first layout: one transposing cast
-                return transpose_last2(acc, dtype=dtype).view(b, d, h, w)
-            out = _image_empty(b, d, h, w, not self.copied_in, device=acc.device, dtype=dtype)
-            return out.copy_(acc.view(b, h, w, d).permute(0, 3, 1, 2))
+            return acc.view(self.b, self.h, self.w, self.d).to(dtype).permute(0, 3, 1, 2)
         return _merge_slots(acc, self.h, self.w, dtype)
 
     def out_buffer(self) -> tuple[torch.Tensor, tuple]:
@@ -292,11 +284,11 @@ class _Operands:
 
 
 def _maps_for(route: str, order: Optional[torch.Tensor], h: int, w: int, device, transpose_columns: bool,
-              bl: int) -> tuple:
+              bl: int, positions_only: bool) -> tuple:
     """(idx, batch stride, direction stride, kmap, lay, chunk lines or None, positions mode) for a named route or
     an index map (K, L) / (b, K, L)."""
     if order is None:
-        idx, kmap, lay, lines, mode = _route_plan(route, h, w, device, transpose_columns, bl)
+        idx, kmap, lay, lines, mode = _route_plan(route, h, w, device, transpose_columns, bl, positions_only)
         return idx, 0, idx.stride(0), kmap, lay, lines, mode
     # per-sample maps (data-dependent routes): read as given, no transposed layout, loaded every chunk
     idx = order.to(device=device, dtype=torch.int32).contiguous()
@@ -444,8 +436,8 @@ def _kept_shapes(b: int, k: int, d: int, L: int, n: int, keep_states: bool, feat
 
 
 # Whether the forward runs channel-first operands channels last where the backward reuses none of its chunk-start
-# states: x and dt_low/B/C copied once into that layout, y back in the cast that leaves the accumulator (one tiled
-# transpose each), in place of the transposed copy of x, the per-direction swaps and the merge of two accumulators.
+# states: x and dt_low/B/C copied once into that layout (one tiled transpose each; y stays channels last), in place
+# of the transposed copy of x, the per-direction swaps and the merge of two accumulators.
 # Measured on H200 (BENCHMARKS.md, twenty-first session, GPU time, 256² b32): N=16 stage-1 forward 1.200 -> 1.094
 # ms fp32, 1.149 -> 0.962 bf16, stage 2 -14%; N=1 -20% to -48%; stages 3-4 at N=16 fp32 within 3% either way;
 # vmunet_isic training +2%. The backward stays in x's layout (at N > 2 channel first, its kernel faster so:
@@ -457,8 +449,8 @@ def _runs_channels_last(x: torch.Tensor, n: int, L: int, rows: int, kept: tuple)
     """The forward's layout: x's own, except that channel-first operands run channels last (``COPY_TO_CHANNELS_LAST``)
     when the forward keeps (``kept``, from ``_kept_shapes`` in x's layout) no chunk-start states for the backward,
     and segment end states only where both layouts' plans cut L alike: the backward's states pass starts its
-    segments from them under the forward's plan in x's layout. y comes back in x's layout either way, as the fake
-    impl says."""
+    segments from them under the forward's plan in x's layout. y comes back in this layout (the fake impl asks
+    here too)."""
     if _feature_last(x):
         return True
     if not COPY_TO_CHANNELS_LAST or kept[0] != (0,):
@@ -468,11 +460,11 @@ def _runs_channels_last(x: torch.Tensor, n: int, L: int, rows: int, kept: tuple)
 
 
 @torch.library.custom_op("vm_unet::ss2d_fwd", mutates_args=())
-def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_weight: torch.Tensor,
-             dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor, route: str,
-             order: Optional[torch.Tensor], keep_states: bool
+def ss2d_fwd(x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+             Ds: torch.Tensor, route: str, order: Optional[torch.Tensor], keep_states: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, and for the backward what ``_kept_shapes`` says: chunk-start states, segment end states and ΣΔ."""
+    """y, and for the backward what ``_kept_shapes`` says: chunk-start states, segment end states and ΣΔ. ``proj``
+    is dt_low, B and C stacked on its axis 2 (``ss2d_core_packed``)."""
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     n, L = A.shape[1], h * w
@@ -480,7 +472,7 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
     feature_last = _runs_channels_last(x, n, L, b * k, shapes)
     # a forward that keeps nothing runs the inference plan (at N <= 2 channels last its longer chunks are faster)
     plan = _forward_plan(n, L, d, b * k, feature_last, keep_states and shapes != ((0,),) * 3)
-    ops = _Operands(x, dt_low, B, C, route, order, plan.bl, to_channels_last=feature_last)
+    ops = _Operands(x, proj, r, route, order, plan.bl, to_channels_last=feature_last)
     prefix, flags = _input_args(ops, dt_weight.contiguous(), dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -493,10 +485,11 @@ def ss2d_fwd(x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Te
 
 
 @ss2d_fwd.register_fake
-def _(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, keep_states):
+def _(x, proj, dt_weight, dt_bias, A, Ds, route, order, keep_states):
     b, d, h, w = x.shape
-    shapes = _kept_shapes(b, dt_weight.shape[0], d, h * w, A.shape[1], keep_states, _feature_last(x))
-    return (_image_empty(b, d, h, w, _feature_last(x), dtype=x.dtype, device=x.device),
+    k, n, L = dt_weight.shape[0], A.shape[1], h * w
+    shapes = _kept_shapes(b, k, d, L, n, keep_states, _feature_last(x))
+    return (_image_empty(b, d, h, w, _runs_channels_last(x, n, L, b * k, shapes), dtype=x.dtype, device=x.device),
             *(x.new_empty(s, dtype=torch.float32) for s in shapes))
 
 
@@ -513,28 +506,35 @@ def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     return lowrank_weight_grad(ddt, low)
 
 
+def _proj_empty(b: int, k: int, c: int, h: int, w: int, feature_last: bool, **kw) -> torch.Tensor:
+    """d proj (b, K, R+2N, H, W) as the backward returns it: stored (b, H, W, K, c) channels last, as the block's
+    projection comes, else contiguous."""
+    return _position_major(b, k, c, h, w, **kw) if feature_last else torch.empty(b, k, c, h, w, **kw)
+
+
 @torch.library.custom_op("vm_unet::ss2d_bwd", mutates_args=())
-def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, Ds: torch.Tensor,
-             route: str, order: Optional[torch.Tensor], states: torch.Tensor, seg_hend: torch.Tensor,
-             seg_sdl: torch.Tensor) -> list[torch.Tensor]:
-    """[dx, d dt_low, dB, dC, d dt_weight, d dt_bias, dA, dDs]. ``states``, ``seg_hend``, ``seg_sdl``: what the
-    forward kept (see ``_kept_shapes``), or empty."""
+def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor,
+             A: torch.Tensor, Ds: torch.Tensor, route: str, order: Optional[torch.Tensor], states: torch.Tensor,
+             seg_hend: torch.Tensor, seg_sdl: torch.Tensor) -> list[torch.Tensor]:
+    """[dx, d proj, d dt_weight, d dt_bias, dA, dDs]. ``states``, ``seg_hend``, ``seg_sdl``: what the forward kept
+    (see ``_kept_shapes``), or empty."""
     b, d, h, w = x.shape
     k, _, r = dt_weight.shape
     n, L = A.shape[1], h * w
     feature_last = _feature_last(x)
     plan = _backward_plan(n, L, d, b * k, feature_last)
-    ops = _Operands(x, dt_low, B, C, route, order, plan.bl)
+    # the N <= 2 backward kernel gathers positions through the whole map (see ``scan_backward``)
+    ops = _Operands(x, proj, r, route, order, plan.bl, positions_only=core._unroll_rows(plan))
     W = dt_weight.contiguous()
     prefix, flags = _input_args(ops, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
     g0, g1 = ops.grad_pair(grad)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx, dx_strides = ops.out_buffer()
     ddt_dtype = _delta_grad_dtype(ops.lows)
-    # dB, dC accumulate with positions innermost in both layouts; channels last they are transposed in the cast on
-    # the way out (``_states_grad_out``). Accumulated (b, L, K, N) instead, the backward kernel measured the same
-    dB, dC = torch.zeros(b, k, n, L, **f32), torch.zeros(b, k, n, L, **f32)
+    # dB, dC accumulate in one buffer, positions innermost in both layouts: their way out into d proj is one pass
+    # (channels last a transposing cast). Accumulated (b, L, K, N) instead, the backward kernel measured the same
+    dBC = torch.zeros(b, k, 2 * n, L, **f32)
+    dB, dC = dBC[:, :, :n], dBC[:, :, n:]
     if ops.feature_last:
         # dΔ (K, b, L, D): each (direction, image) one (L, D) matrix for its two GEMMs
         ddt = torch.empty(k, b, L, d, device=x.device, dtype=ddt_dtype).permute(1, 0, 3, 2)
@@ -550,62 +550,70 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, dt_low: torch.Tensor, B: torch
         seg_ends=((seg_hend, seg_sdl, _forward_plan(n, L, d, b * k, feature_last, True)) if seg_hend.numel()
                   else None))
     lows = ops.lows.to(ddt.dtype)
+    dproj = _proj_empty(b, k, r + 2 * n, h, w, ops.feature_last, device=x.device, dtype=proj.dtype)
     if ops.feature_last:
         # Δ_k = W_k @ low_k over all (b, l) of direction k: d low_k = dΔ_k W_k, d W_k = Σ_b dΔ_k,bᵀ low_k,b
         ddt_k = ddt.permute(1, 0, 3, 2)                                                  # (K, b, L, D), a view
-        dlow = _lowrank_grad_empty(b, k, r, h, w, device=x.device, dtype=dt_low.dtype)
-        dlow.permute(1, 0, 3, 4, 2).view(k, b * L, r).copy_(torch.bmm(ddt_k.reshape(k, b * L, d), W.to(ddt.dtype)))
+        dproj[:, :, :r].permute(1, 0, 3, 4, 2).view(k, b * L, r).copy_(
+            torch.bmm(ddt_k.reshape(k, b * L, d), W.to(ddt.dtype)))
         dW = _dt_weight_grad(ddt_k.reshape(k * b, L, d), lows.permute(1, 0, 3, 2).reshape(k * b, L, r))
         dW = dW.view(k, b, d, r).sum(1)
-        dB, dC = (_states_grad_out(t, like.dtype, h, w) for t, like in ((dB, B), (dC, C)))
+        # (b, K, 2N, L) -> d proj's (b, H, W, K, 2N) slice: one transposing cast
+        dbc = dproj[:, :, r:].flatten(3).transpose(2, 3)                                 # (b, K, L, 2N), a view
+        if _tiled(dBC):
+            transpose_last2(dBC, out=dbc)
+        else:
+            dbc.copy_(dBC.transpose(2, 3))
     else:
         # Δ_k = W_k @ low_k: d low = W_kᵀ dΔ (a batched matmul over (b, k), no copies) and d W_k = Σ_b dΔ lowᵀ
         dlow = torch.matmul(W.to(ddt.dtype).transpose(1, 2), ddt)                          # (b, k, r, L)
         dW = _dt_weight_grad(ddt.view(b * k, d, L).transpose(1, 2),
                              lows.reshape(b * k, r, L).transpose(1, 2)).view(b, k, d, r).sum(0)
         # back from each direction's read layout to image layout, cast on the way
-        dlow, dB, dC = (_swap(t, ops.maps, w, h, like.dtype).reshape(like.shape) for t, like in
-                        ((dlow, dt_low), (dB, B), (dC, C)))
-    return [ops.image_out(dx, x.dtype), dlow, dB, dC,
+        flat = dproj.view(b, k, r + 2 * n, L)
+        _swap(dlow, ops.maps, w, h, out=flat[:, :, :r])
+        _swap(dBC, ops.maps, w, h, out=flat[:, :, r:])
+    return [ops.image_out(dx, x.dtype), dproj,
             dW.view(dt_weight.shape).to(dt_weight.dtype), dbias.view(dt_bias.shape).to(dt_bias.dtype),
             dA.to(A.dtype), dD.to(Ds.dtype)]
 
 
 @ss2d_bwd.register_fake
-def _(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, order, states, seg_hend, seg_sdl):
+def _(grad, x, proj, dt_weight, dt_bias, A, Ds, route, order, states, seg_hend, seg_sdl):
     b, d, h, w = x.shape
-    k, _, r = dt_weight.shape
-    n = A.shape[1]
+    k = dt_weight.shape[0]
     params = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (dt_weight, dt_bias, A, Ds)]
-    if _feature_last(x):
-        return [_image_empty(b, d, h, w, True, dtype=x.dtype, device=x.device),
-                _lowrank_grad_empty(b, k, r, h, w, dtype=dt_low.dtype, device=x.device),
-                _position_major(b, k, n, h, w, dtype=B.dtype, device=x.device),
-                _position_major(b, k, n, h, w, dtype=C.dtype, device=x.device), *params]
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, dt_low, B, C)] + params
+    last = _feature_last(x)
+    return [_image_empty(b, d, h, w, last, dtype=x.dtype, device=x.device),
+            _proj_empty(b, k, proj.shape[2], h, w, last, dtype=proj.dtype, device=x.device), *params]
 
 
 def _setup_context(ctx, inputs, output):
     kept = output[1:]
     ctx.mark_non_differentiable(*kept)
-    ctx.save_for_backward(*inputs[:8], inputs[9], *kept)
-    ctx.route = inputs[8]
+    ctx.save_for_backward(*inputs[:6], inputs[7], *kept)
+    ctx.route = inputs[6]
 
 
 def _backward(ctx, grad, *_kept_grads):
-    x, dt_low, B, C, dt_weight, dt_bias, A, Ds, order, *kept = ctx.saved_tensors
-    return (*ss2d_bwd(grad, x, dt_low, B, C, dt_weight, dt_bias, A, Ds, ctx.route, order, *kept),
-            None, None, None)
+    x, proj, dt_weight, dt_bias, A, Ds, order, *kept = ctx.saved_tensors
+    return (*ss2d_bwd(grad, x, proj, dt_weight, dt_bias, A, Ds, ctx.route, order, *kept), None, None, None)
 
 
 ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
-    """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``): a route name,
-    or an index map (K, H*W) / (b, K, H*W) such as a quadtree model's per-sample order."""
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt_low, B, C, dt_weight, dt_bias, A, Ds))
+def ss2d_core_packed_triton(x, proj, dt_weight, dt_bias, A, Ds, route="cross"):
+    """Fused SS2D core; same contract as ``ss2d.ss2d_core_packed``: a route name, or an index map (K, H*W) /
+    (b, K, H*W) such as a quadtree model's per-sample order."""
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, proj, dt_weight, dt_bias, A, Ds))
     if isinstance(route, torch.Tensor):
-        return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, "", route, keep)[0]
+        return ss2d_fwd(x, proj, dt_weight, dt_bias, A, Ds, "", route, keep)[0]
     # a named route's index maps are resolved (and cached) inside the op, so torch.compile never traces them
-    return ss2d_fwd(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route, None, keep)[0]
+    return ss2d_fwd(x, proj, dt_weight, dt_bias, A, Ds, route, None, keep)[0]
+
+
+def ss2d_core_triton(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
+    """Fused SS2D core; same contract as ``ss2d_core_reference`` (shapes in ``kernels/ss2d.py``). The three
+    projections are stacked into one tensor first (one copy, R+2N channels a direction)."""
+    return ss2d_core_packed_triton(x, torch.cat([dt_low, B, C], 2), dt_weight, dt_bias, A, Ds, route)

@@ -30,9 +30,9 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from vm_unet.kernels import triton_scan_core as core
-from vm_unet.kernels.ss2d import ss2d_core_reference
+from vm_unet.kernels import triton_ss2d
+from vm_unet.kernels.ss2d import split_proj, ss2d_core_reference
 from vm_unet.kernels.triton_selective_scan import selective_scan_triton
-from vm_unet.kernels.triton_ss2d import ss2d_core_triton
 
 try:  # optional comparison, never a dependency
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
@@ -70,8 +70,9 @@ def copy_bandwidth() -> float:
 
 
 def make_inputs(b, d, hw, r, n, dtype, k=4, requires_grad=False, channels_last=False):
-    """Fused SS2D inputs. ``channels_last``: x channels last and dt_low/B/C with their c axis innermost, the layout
-    the VM-UNet blocks give the core in inference and at N <= 2 (``kernels.ss2d.channels_last_is_faster``)."""
+    """Fused SS2D inputs as ``ss2d_core_packed`` takes them: x, proj (dt_low, B, C stacked), dt_weight, dt_bias, A,
+    Ds. ``channels_last``: x channels last and proj with its c axis innermost, the layout the VM-UNet blocks give the
+    core in inference and at N <= 2 (``kernels.ss2d.channels_last_is_faster``)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = dict(device="cuda")
 
@@ -86,19 +87,38 @@ def make_inputs(b, d, hw, r, n, dtype, k=4, requires_grad=False, channels_last=F
     x = rnd(b, d, hw, hw)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    low = image(r, scale=0.5)
-    B = image(n)
-    C = image(n)
+    proj = image(r + 2 * n)
+    with torch.no_grad():
+        proj[:, :, :r] *= 0.5
     W = rnd(k, d, r, scale=r ** -0.5, dt=torch.float32)
     bias = torch.log(torch.expm1(torch.exp(torch.rand(k, d, generator=g, **dev) * (math.log(0.1) - math.log(1e-3))
                                            + math.log(1e-3))))  # mamba dt init
     A = -torch.arange(1, n + 1, dtype=torch.float32, **dev).repeat(k * d, 1)
     Ds = torch.ones(k * d, **dev)
-    args = [x, low, B, C, W, bias, A, Ds]
+    args = [x, proj, W, bias, A, Ds]
     if requires_grad:
         for t in args:
             t.requires_grad_(True)
     return args
+
+
+def fused_entry(mod):
+    """A ``triton_ss2d`` module's fused core on ``make_inputs``' arguments: its packed entry, as the models call it,
+    or (a checkout from before it, for ``--against``) its three-tensor entry on proj's views."""
+    if hasattr(mod, "ss2d_core_packed_triton"):
+        return mod.ss2d_core_packed_triton
+
+    def three_tensors(x, proj, W, bias, A, Ds):
+        return mod.ss2d_core_triton(x, *split_proj(proj, W.shape[-1], A.shape[-1]), W, bias, A, Ds)
+    return three_tensors
+
+
+ss2d_fused = fused_entry(triton_ss2d)
+
+
+def reference(x, proj, W, bias, A, Ds):
+    """The unfused PyTorch core (route copies, ``selective_scan_fn``, merge) on ``make_inputs``' arguments."""
+    return ss2d_core_reference(x, *split_proj(proj, W.shape[-1], A.shape[-1]), W, bias, A, Ds)
 
 
 def fused_bytes(b, d, hw, r, n, dtype, k=4):
@@ -148,17 +168,17 @@ def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref, channels_last=F
     row = {"shape": name, "batch": b, "D": d, "L": hw * hw, "R": r, "N": n, "dtype": str(dtype).split(".")[-1],
            "layout": "channels_last" if channels_last else "channel_first"}
     args = make_inputs(b, d, hw, r, n, dtype, channels_last=channels_last)
-    ms = do_bench(lambda: ss2d_core_triton(*args), warmup=25, rep=200, return_mode="median")
+    ms = do_bench(lambda: ss2d_fused(*args), warmup=25, rep=200, return_mode="median")
     row["fused_fwd_ms"] = ms
     row["fused_fwd_GBs"] = fused_bytes(b, d, hw, r, n, dtype) / ms / 1e6
     row["fused_fwd_pct_copy"] = 100 * row["fused_fwd_GBs"] / copy_gbs
     gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True, channels_last=channels_last)
-    row["fused_fwdbwd_ms"] = time_fwd_bwd(ss2d_core_triton, gargs)
+    row["fused_fwdbwd_ms"] = time_fwd_bwd(ss2d_fused, gargs)
     if with_ref:
         os.environ["VM_UNET_BACKEND"] = "triton"  # unfused: torch route copies + our Triton scan + torch merge
-        row["unfused_fwd_ms"] = do_bench(lambda: ss2d_core_reference(*args), warmup=25, rep=100,
+        row["unfused_fwd_ms"] = do_bench(lambda: reference(*args), warmup=25, rep=100,
                                          return_mode="median")
-        row["unfused_fwdbwd_ms"] = time_fwd_bwd(ss2d_core_reference, gargs)
+        row["unfused_fwdbwd_ms"] = time_fwd_bwd(reference, gargs)
         # plain selective scan alone on pre-made direction copies
         k = 4
         L = hw * hw
@@ -166,8 +186,8 @@ def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref, channels_last=F
         dl = torch.randn(b, k * d, L, device="cuda").to(dtype)
         Bs = torch.randn(b, k, n, L, device="cuda").to(dtype)
         Cs = torch.randn(b, k, n, L, device="cuda").to(dtype)
-        A = args[6]
-        Ds, bias = args[7], args[5].reshape(-1)
+        A = args[4]
+        Ds, bias = args[5], args[3].reshape(-1)
         row["scan_fwd_ms"] = do_bench(lambda: selective_scan_triton(u, dl, A, Bs, Cs, Ds, None, bias, True),
                                       warmup=25, rep=100, return_mode="median")
         if mamba_scan is not None:
@@ -189,12 +209,12 @@ def bench_shape(name, b, d, hw, r, n, dtype, copy_gbs, with_ref, channels_last=F
 def check(dtype, n, name, b, d, hw, r):
     """Fused SS2D vs the float64 PyTorch reference at a real shape (fwd and every gradient)."""
     args = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-    y = ss2d_core_triton(*args)
+    y = ss2d_fused(*args)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, args, g)
     os.environ["VM_UNET_BACKEND"] = "torch"
     ref_args = [t.detach().double().requires_grad_(True) for t in args]
-    yr = ss2d_core_reference(*ref_args)
+    yr = reference(*ref_args)
     rgrads = torch.autograd.grad(yr, ref_args, g.double())
     os.environ["VM_UNET_BACKEND"] = "auto"
     errs = [rel(y, yr)] + [rel(a, c) for a, c in zip(grads, rgrads)]
@@ -238,14 +258,14 @@ def sweep(shape_names=("s1-256",), states=(16, 1), kinds=("fwd", "bwd"), extra=N
                 for cfg in cfgs:
                     core.TILE_OVERRIDE = {kind: cfg, "segments": 1}   # tiles alone, L not split
                     try:
-                        f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
+                        f = do_bench(lambda: ss2d_fused(*args), warmup=10, rep=60, return_mode="median")
                         # what earlier configs' CUDA graphs still hold is not this config's peak
                         held = torch.cuda.memory_allocated() - base
                         torch.cuda.reset_peak_memory_stats()
-                        fb = time_fwd_bwd(ss2d_core_triton, gargs)
+                        fb = time_fwd_bwd(ss2d_fused, gargs)
                         peak = (torch.cuda.max_memory_allocated() - held) / 1e9
                         # replayed as a CUDA graph: the GPU's time alone (small stages are launch-bound in eager)
-                        fg = do_bench_cudagraph(lambda: ss2d_core_triton(*args), rep=60, return_mode="median")
+                        fg = do_bench_cudagraph(lambda: ss2d_fused(*args), rep=60, return_mode="median")
                     except Exception as e:  # noqa: BLE001 (a tile that does not compile is a result too)
                         f = fg = fb = peak = float("nan")
                         print("  failed", cfg, type(e).__name__, str(e)[:200])
@@ -269,8 +289,8 @@ def segments(shape_names, counts):
             gargs = make_inputs(b, d, hw, r, 16, dtype, requires_grad=True)
             for nseg in counts:
                 core.TILE_OVERRIDE = None if nseg == "auto" else {"segments": int(nseg)}
-                f = do_bench(lambda: ss2d_core_triton(*args), warmup=10, rep=60, return_mode="median")
-                fb = time_fwd_bwd(ss2d_core_triton, gargs)
+                f = do_bench(lambda: ss2d_fused(*args), warmup=10, rep=60, return_mode="median")
+                fb = time_fwd_bwd(ss2d_fused, gargs)
                 plans = [core.launch_plan(16, hw * hw, d, backward=bw, rows=b * 4) for bw in (False, True)]
                 rows.append({"shape": name, "dtype": str(dtype).split(".")[-1], "segments": nseg,
                              "fwd_nseg": plans[0].nseg, "bwd_nseg": plans[1].nseg, "fwd_ms": f, "fwdbwd_ms": fb})
@@ -286,14 +306,14 @@ def profile_ops(shape_name, n_state=16, dtype=torch.float32):
     """CUDA time per kernel of one fused SS2D fwd+bwd (torch.profiler), to see what besides the scan costs."""
     name, b, d, hw, r = next(s for s in SHAPES if s[0] == shape_name)
     gargs = make_inputs(b, d, hw, r, n_state, dtype, requires_grad=True)
-    y = ss2d_core_triton(*gargs)
+    y = ss2d_fused(*gargs)
     g = torch.randn_like(y)
     for _ in range(3):
-        ss2d_core_triton(*gargs).backward(g)
+        ss2d_fused(*gargs).backward(g)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            ss2d_core_triton(*gargs).backward(g)
+            ss2d_fused(*gargs).backward(g)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     print(f"profile {name} N={n_state} {dtype} (5 fwd+bwd)\n{table}", flush=True)
@@ -344,10 +364,10 @@ def against(other, shape_names, states=(16, 1), reps=3, gpu_time=False):
             for dtype in (torch.float32, torch.bfloat16):
                 args = make_inputs(b, d, hw, r, n, dtype)
                 gargs = make_inputs(b, d, hw, r, n, dtype, requires_grad=True)
-                g = torch.randn_like(ss2d_core_triton(*args)) if gpu_time else None
+                g = torch.randn_like(ss2d_fused(*args)) if gpu_time else None
                 t = {"other": ([], [], [], []), "this": ([], [], [], [])}
                 for _ in range(reps):
-                    for tag, fn in (("other", other.ss2d_core_triton), ("this", ss2d_core_triton)):
+                    for tag, fn in (("other", fused_entry(other)), ("this", ss2d_fused)):
                         if gpu_time:
                             def step(fn=fn):
                                 for x in gargs:

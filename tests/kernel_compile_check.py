@@ -52,7 +52,7 @@ def main() -> int:
     from vm_unet.kernels import triton_norm_gate as ng
     from vm_unet.kernels import triton_transpose as tr
     from vm_unet.kernels.triton_selective_scan import selective_scan_triton
-    from vm_unet.kernels.triton_ss2d import ss2d_core_triton
+    from vm_unet.kernels.triton_ss2d import ss2d_core_packed_triton, ss2d_core_triton
 
     recorders = [_Recorder(core._scan_fwd_kernel), _Recorder(core._scan_bwd_kernel),
                  _Recorder(ng._norm_gate_fwd_kernel), _Recorder(ng._norm_gate_bwd_kernel),
@@ -73,16 +73,14 @@ def main() -> int:
             # the chunk so the column directions compute their positions too
             xc = torch.randn(b, 8, w, d, generator=g).to(dtype).permute(0, 3, 1, 2).requires_grad_()
             proj = torch.randn(b, 8, w, k, r + 2 * n, generator=g).to(dtype).permute(0, 3, 4, 1, 2).requires_grad_()
-            ss2d_core_triton(xc, proj[:, :, :r], proj[:, :, r:r + n], proj[:, :, r + n:], *params,
-                             route="cross").sum().backward()
+            ss2d_core_packed_triton(xc, proj, *params, route="cross").sum().backward()
             # N=1 channels last (vmunet_fast): its own tile, 32 channels a program
             n1 = [torch.randn(k, 32, r), torch.randn(k, 32), -torch.rand(k * 32, 1), torch.randn(k * 32)]
             x1 = torch.randn(b, 8, w, 32, generator=g).to(dtype).permute(0, 3, 1, 2).requires_grad_()
             p1 = torch.randn(b, 8, w, k, r + 2, generator=g).to(dtype).permute(0, 3, 4, 1, 2).requires_grad_()
-            ss2d_core_triton(x1, p1[:, :, :r], p1[:, :, r:r + 1], p1[:, :, r + 1:], *[p.requires_grad_() for p in n1],
-                             route="cross").sum().backward()
+            ss2d_core_packed_triton(x1, p1, *[p.requires_grad_() for p in n1], route="cross").sum().backward()
             with torch.no_grad():
-                ss2d_core_triton(x1, p1[:, :, :r], p1[:, :, r:r + 1], p1[:, :, r + 1:], *n1, route="cross")
+                ss2d_core_packed_triton(x1, p1, *n1, route="cross")
             order = torch.stack([torch.randperm(h * w), torch.randperm(h * w)])[None]
             low2, B2, C2 = (t[:, :2].detach().requires_grad_() for t in (low, B, C))
             p2 = [params[0][:2], params[1][:2], params[2][:2 * d], params[3][:2 * d]]

@@ -59,7 +59,8 @@ def test_bench_kernels_loads_another_checkouts_kernels(tmp_path):
         script.load_kernels_copy(str(tmp_path))
     other = script.load_kernels_copy(str(Path(__file__).resolve().parents[1] / "kernels"))
     assert other.__name__ == "vm_unet_kernels_against.triton_ss2d"
-    assert other.ss2d_core_triton is not script.ss2d_core_triton
+    assert other.ss2d_core_packed_triton is not script.ss2d_fused
+    assert script.fused_entry(other) is other.ss2d_core_packed_triton
     assert hasattr(torch.ops.vm_unet_against, "ss2d_fwd") and hasattr(torch.ops.vm_unet, "ss2d_fwd")
 
 
@@ -70,8 +71,8 @@ def test_bench_kernels_against_gpu_time_rows(monkeypatch):
     script = _load_script("bench_kernels")
     monkeypatch.setattr(script, "make_inputs", lambda *a, requires_grad=False: [
         torch.randn(2, 3, requires_grad=requires_grad)])
-    monkeypatch.setattr(script, "ss2d_core_triton", lambda x: x * 2.0)
-    other = type("Other", (), {"ss2d_core_triton": staticmethod(lambda x: x * 3.0)})
+    monkeypatch.setattr(script, "ss2d_fused", lambda x: x * 2.0)
+    other = type("Other", (), {"ss2d_core_packed_triton": staticmethod(lambda x: x * 3.0)})
     rows = script.against(other, ["s4-256"], states=(16,), reps=2, gpu_time=True)
     assert [(r["shape"], r["N"], r["dtype"]) for r in rows] == [("s4-256", 16, "float32"), ("s4-256", 16, "bfloat16")]
     for r in rows:

@@ -30,7 +30,7 @@ from vm_unet.kernels.selective_scan_torch import selective_scan_torch  # noqa: E
 from vm_unet.kernels.ss2d import ss2d_core, ss2d_core_reference  # noqa: E402
 from vm_unet.kernels.triton_scan_core import _sigmoid, _softplus  # noqa: E402
 from vm_unet.kernels.triton_selective_scan import selective_scan_triton  # noqa: E402
-from vm_unet.kernels.triton_ss2d import ss2d_core_triton  # noqa: E402
+from vm_unet.kernels.triton_ss2d import ss2d_core_packed_triton, ss2d_core_triton  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 STALE = INTERPRET and _PREIMPORTED  # triton was imported compiled before us: interpreter unusable in-process
@@ -110,10 +110,16 @@ def compare_scan(args, softplus, tol, ref_dtype=torch.float64):
 
 def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None, expanded_grad=False):
     """``expanded_grad``: the output's gradient one value broadcast (all strides 0), as ``y.sum().backward()``
-    gives it, instead of random values. Clone keeps the strides (channels-last inputs stay channels last)."""
-    tri = [t.detach().clone().requires_grad_(True) for t in args]
+    gives it, instead of random values. Clone keeps the strides (channels-last inputs stay channels last).
+    The Triton side runs as the models call it (``ss2d_core_packed_triton``): dt_low, B and C stacked into one
+    projection in their layout, its gradient split for the comparison."""
+    tri = [t.detach().clone().requires_grad_(True) for t in (args[0], *args[4:])]
+    proj = torch.cat([t.detach() for t in args[1:4]], 2)
+    if args[1].stride(2) == 1 and args[1].shape[2] > 1:   # c innermost: the channels-last block's projection
+        proj = proj.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    proj.requires_grad_(True)
     ref = [t.detach().to(ref_dtype).requires_grad_(True) for t in args]
-    y = ss2d_core_triton(*tri, route=route)
+    y = ss2d_core_packed_triton(tri[0], proj, *tri[1:], route=route)
     monkeypatch.setenv("VM_UNET_BACKEND", "torch")
     y_r = ss2d_core_reference(*ref, route=route)
     monkeypatch.setenv("VM_UNET_BACKEND", "triton")
@@ -122,7 +128,9 @@ def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None, ex
     if expanded_grad:
         g = torch.ones((), device=y.device).expand(y.shape)
     errs = {"y": rel(y, y_r)}
-    for n, a, b in zip(SS2D_NAMES, grads(y, tri, g.to(y.dtype)), grads(y_r, ref, g.to(ref_dtype))):
+    dx, dproj, *dparams = grads(y, [tri[0], proj, *tri[1:]], g.to(y.dtype))
+    got = [dx, *torch.split(dproj, [t.shape[2] for t in args[1:4]], 2), *dparams]
+    for n, a, b in zip(SS2D_NAMES, got, grads(y_r, ref, g.to(ref_dtype))):
         assert a.shape == b.shape, n
         errs["d" + n] = rel(a, b)
     bad = {k: v for k, v in errs.items() if not v <= tol}
@@ -275,7 +283,7 @@ def test_ss2d_n1_channels_last_at_the_gpu_tiles(grad, monkeypatch):
 
 # channel-first operands run the forward channels last when it keeps nothing for a backward: copied in (PyTorch's
 # strided copies, or the tiled transposes from LAYOUT_OPTS' size on; dt_low/B/C slices of one projection, as the
-# channel-first block makes them), y copied back channel first. Without gradients always; in training at N=16
+# channel-first block makes them), y returned channels last. Without gradients always; in training at N=16
 # (nothing kept at these sizes: the backward runs its own states pass, channel first), not at N=1 (its states kept)
 @cpu_only
 @pytest.mark.parametrize("min_numel", [1 << 30, 1])
@@ -297,12 +305,14 @@ def test_ss2d_forward_runs_channel_first_operands_channels_last(min_numel, N, ro
         monkeypatch.setenv("VM_UNET_BACKEND", "torch")
         y_r = ss2d_core_reference(*[t.double() for t in args], route=route)
         monkeypatch.setenv("VM_UNET_BACKEND", "triton")
-    assert layouts == [True] and y.is_contiguous() and rel(y, y_r) <= 1e-5
+    assert layouts == [True] and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert rel(y, y_r) <= 1e-5
     compare_ss2d(args, route, 1e-5, monkeypatch=monkeypatch)   # forward, then the backward's states pass
     assert layouts[1:] == ([False] if N == 1 else [True, False])
     monkeypatch.setattr(triton_ss2d, "COPY_TO_CHANNELS_LAST", False)   # the channel-first kernels throughout
     with torch.no_grad():
-        assert rel(ss2d_core_triton(*args, route=route), y_r) <= 1e-5
+        y = ss2d_core_triton(*args, route=route)
+    assert rel(y, y_r) <= 1e-5 and y.is_contiguous()
     assert layouts[-1] is False
 
 
@@ -461,7 +471,12 @@ def test_ss2d_layout_helpers(min_numel, monkeypatch):
         want = torch.stack([x[:, i].view(b, 3, h, w).transpose(-1, -2).reshape(b, 3, h * w) if f else x[:, i]
                             for i, f in enumerate(lay)], 1)
         maps = (None, None, None, torch.tensor(lay, dtype=torch.int32), lay)
-        assert torch.allclose(_swap(x, maps, h, w, torch.bfloat16).float(), want, rtol=2 ** -7, atol=0)
+        assert torch.equal(_swap(x, maps, h, w), want)
+        # into channels 2..4 of a larger bf16 buffer, as the backward writes a gradient into d proj's slice
+        big = torch.zeros(b, len(lay), 6, h * w, dtype=torch.bfloat16)
+        _swap(x, maps, h, w, out=big[:, :, 2:5])
+        assert torch.allclose(big[:, :, 2:5].float(), want, rtol=2 ** -7, atol=0)
+        assert not big[:, :, :2].any() and not big[:, :, 5:].any()
 
 
 # odd sizes; pieces with a remainder, exact, one piece, and the default (halved for a small grid); ranks under and
@@ -759,11 +774,16 @@ def test_route_maps_affine_or_in_lines():
             ("cross", 6, 4, 4, False, "gather"),
             ("cross", 1, 7, 4, False, "affine"), ("bidirectional", 6, 5, 4, False, "affine"),
             ("zigzag", 4, 8, 4, False, "lines"), ("zigzag", 6, 4, 8, True, "gather"), ("cross", 1, 1, 1, True, "gather")):
-        packed, lay, got = _route_plan_host(route, h, w, transpose, bl, False)
-        assert got == mode, (route, h, w, bl, transpose)
+        packed, lay, got, m = _route_plan_host(route, h, w, transpose, bl, False)
+        assert got == mode and m == h * w, (route, h, w, bl, transpose)
         k, L = len(lay), h * w
         maps = packed[:k * L].view(k, L).long()
         l = torch.arange(L)
+        # what the kernels read where no launch gathers: the first two entries of each map, the flags, the lines
+        short, lay2, got2, m2 = _route_plan_host(route, h, w, transpose, bl, False, True)
+        assert (lay2, got2, m2) == (lay, mode, L if mode == "gather" else 2)
+        assert torch.equal(short[:k * m2].view(k, m2), packed[:k * L].view(k, L)[:, :m2])
+        assert torch.equal(short[k * m2:], packed[k * L:])
         if mode == "affine":   # what the kernels then compute: first position + step * l
             assert packed.numel() == k * L + k
             assert torch.equal(maps, maps[:, :1] + (maps[:, 1:2] - maps[:, :1]) * l)
@@ -782,17 +802,24 @@ def test_opcheck_fake_and_autograd_registration():
     assert lay == (0, 1, 0, 1)  # column routes read the transposed copy (channel first)
     assert _route_plan("cross", 2, 3, "cpu", False, 4)[2] == (0, 0, 0, 0)
     empty = torch.empty(0)
-    for inputs in (args, channels_last(args)):   # the fake impls give the real outputs' strides in both layouts
+
+    def packed(inputs):   # the ops' arguments: x, proj (dt_low, B, C stacked, in their layout), parameters
+        x, low, B, C, *rest = inputs
+        proj = torch.cat([low, B, C], 2)
+        if low.stride(2) == 1:
+            proj = proj.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+        return [x, proj, *rest]
+    for inputs in (packed(args), packed(channels_last(args))):   # the fake impls give the real outputs' strides
         for keep in (True, False):               # channel first without a backward, run channels last inside
             opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*inputs, "cross", None, keep),
                     test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
         opcheck(torch.ops.vm_unet.ss2d_bwd.default, (torch.randn_like(inputs[0]), *inputs, "cross", None, empty,
                                                      empty, empty), test_utils=("test_schema", "test_faketensor"))
     order = torch.stack([torch.randperm(6), torch.randperm(6)])[None]     # (b=1, K=2, L) per-sample map
-    args2 = ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32, k=2)
+    args2 = packed(ss2d_inputs(1, 2, 2, 3, 2, 2, torch.float32, k=2))
     opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args2, "", order, True),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-    args1 = ss2d_inputs(1, 2, 2, 3, 2, 1, torch.float32)                 # N=1: the forward keeps its states
+    args1 = packed(ss2d_inputs(1, 2, 2, 3, 2, 1, torch.float32))         # N=1: the forward keeps its states
     opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*args1, "cross", None, True),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     s = scan_inputs(1, 2, 5, 2, 0, torch.float32)

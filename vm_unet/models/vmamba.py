@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vm_unet.kernels import channels_last_is_faster, norm_gate, ss2d_core, use_triton
+from vm_unet.kernels import channels_last_is_faster, norm_gate, ss2d_core_packed, use_triton
 from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
 
 
@@ -183,7 +183,6 @@ class SSMCore(nn.Module):
         """x (B, D, H, W) -> merged scan output (B, D, H, W). x channels last keeps the whole core channels last;
         contiguous x keeps it channel first (``kernels/triton_ss2d.py``). The blocks pick the faster one
         (``kernels.ss2d.channels_last_is_faster``)."""
-        r, n = self.dt_rank, self.d_state
         route, plan = self.route, None
         if self.router is not None:
             plan = self.router(x)
@@ -199,10 +198,10 @@ class SSMCore(nn.Module):
         else:
             proj = torch.matmul(x.permute(0, 2, 3, 1).reshape(b, h * w, d), weight.t())
             proj = proj.view(b, h, w, k, c).permute(0, 3, 4, 1, 2)
-        dt_low, B, C = torch.split(proj, [r, n, n], dim=2)
         # at least fp32 (the scan's state precision), float64 stays float64
         A = -torch.exp(self.A_logs.to(torch.promote_types(self.A_logs.dtype, torch.float32)))
-        y = ss2d_core(x, dt_low, B, C, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, route)
+        # dt_low, B, C are rows [0, R), [R, R+N), [R+N, R+2N) of proj; the core takes them as the one tensor
+        y = ss2d_core_packed(x, proj, self.dt_projs_weight, self.dt_projs_bias, A, self.Ds, route)
         return plan.straight_through_out(y) if plan is not None else y
 
 
