@@ -135,12 +135,12 @@ def _tiled(t: torch.Tensor) -> bool:
 def _swap(t: torch.Tensor, maps: tuple, rows: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(b, K, C, rows*cols) -> same, with the directions flagged in the route plan (``maps`` from ``_maps_for``)
     transposed to (cols, rows), into ``out`` (any strides over (b, K, C), positions contiguous; its dtype: the cast
-    on the store) or a new tensor; tiled: one pass."""
+    on the store) or a new tensor (t itself where no direction is transposed); tiled: one pass."""
     lay = maps[4]
+    if not any(lay):
+        return t if out is None else out.copy_(t)
     if out is None:
         out = torch.empty(t.shape, device=t.device, dtype=t.dtype)
-    if not any(lay):
-        return out.copy_(t)
     if not _tiled(t):
         b, k, c, _ = t.shape
         for i in range(k):
