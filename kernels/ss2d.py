@@ -86,16 +86,16 @@ def ss2d_core(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route="cross"):
 
 
 def split_proj(proj: torch.Tensor, rank: int, n_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """proj (b, K, R+2N, H, W) -> views dt_low, B, C."""
-    if proj.dim() != 5 or proj.shape[2] != rank + 2 * n_state:
-        raise ValueError(f"ss2d_core_packed: proj must be (b, K, R+2N = {rank + 2 * n_state}, H, W), "
-                         f"got {tuple(proj.shape)}")
+    """proj (b, K, R+2N, ...) -> views dt_low, B, C (axis 2 split R, N, N): the one place that layout is spelled."""
     return torch.split(proj, [rank, n_state, n_state], dim=2)
 
 
 def ss2d_core_packed(x, proj, dt_weight, dt_bias, A, Ds, route="cross"):
     """``ss2d_core`` with dt_low, B and C stacked in ``proj`` (see the module docstring)."""
-    dt_low, B, C = split_proj(proj, dt_weight.shape[-1], A.shape[-1])
+    r, n = dt_weight.shape[-1], A.shape[-1]
+    if proj.dim() != 5 or proj.shape[2] != r + 2 * n:
+        raise ValueError(f"ss2d_core_packed: proj must be (b, K, R+2N = {r + 2 * n}, H, W), got {tuple(proj.shape)}")
+    dt_low, B, C = split_proj(proj, r, n)
     _check(x, dt_low, B, C, dt_weight, dt_bias, A, Ds, route)
     if use_triton(x):
         from .triton_ss2d import ss2d_core_packed_triton  # noqa: PLC0415 (triton is imported only when used)

@@ -35,6 +35,7 @@ import torch
 
 from . import triton_scan_core as core
 from .routes import route_indices
+from .ss2d import split_proj
 from .triton_lowrank_grad import lowrank_weight_grad
 from .triton_transpose import transpose_last2
 
@@ -236,7 +237,7 @@ class _Operands:
     """The op's inputs as the kernels read them: x as (b, D, L) views (slot 0 and slot 1, see ``_two_layouts``),
     dt_low/B/C as (b, K, c, L) views of the projection (b, K, R+2N, H, W), the route maps, and the layout."""
 
-    def __init__(self, x, proj, rank: int, route: str, order: Optional[torch.Tensor], bl: int,
+    def __init__(self, x, proj, rank: int, n_state: int, route: str, order: Optional[torch.Tensor], bl: int,
                  to_channels_last: bool = False, positions_only: bool = True):
         b, d, h, w = x.shape
         self.b, self.d, self.h, self.w, self.L = b, d, h, w, h * w
@@ -253,8 +254,7 @@ class _Operands:
             self.xx = _two_layouts(x, h, w, self.maps[4])
             # one pass for all three, each direction in its read layout
             proj = _swap(proj.reshape(b, proj.shape[1], -1, self.L), self.maps, h, w)
-        n = (proj.shape[2] - rank) // 2
-        self.lows, self.Bs, self.Cs = proj[:, :, :rank], proj[:, :, rank:rank + n], proj[:, :, rank + n:]
+        self.lows, self.Bs, self.Cs = split_proj(proj, rank, n_state)
 
     def image_out(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fp32 accumulator the kernels scattered into (``out_buffer``) as (b, D, H, W) in ``dtype``, in the
@@ -472,7 +472,7 @@ def ss2d_fwd(x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, dt_bi
     feature_last = _runs_channels_last(x, n, L, b * k, shapes)
     # a forward that keeps nothing runs the inference plan (at N <= 2 channels last its longer chunks are faster)
     plan = _forward_plan(n, L, d, b * k, feature_last, keep_states and shapes != ((0,),) * 3)
-    ops = _Operands(x, proj, r, route, order, plan.bl, to_channels_last=feature_last)
+    ops = _Operands(x, proj, r, n, route, order, plan.bl, to_channels_last=feature_last)
     prefix, flags = _input_args(ops, dt_weight.contiguous(), dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
     dims = core.ScanDims(b, k, d, L, n, r if flags["LOWRANK"] else 0)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -524,7 +524,7 @@ def ss2d_bwd(grad: torch.Tensor, x: torch.Tensor, proj: torch.Tensor, dt_weight:
     feature_last = _feature_last(x)
     plan = _backward_plan(n, L, d, b * k, feature_last)
     # the N <= 2 backward kernel gathers positions through the whole map (see ``scan_backward``)
-    ops = _Operands(x, proj, r, route, order, plan.bl, positions_only=core._unroll_rows(plan))
+    ops = _Operands(x, proj, r, n, route, order, plan.bl, positions_only=core._unroll_rows(plan))
     W = dt_weight.contiguous()
     prefix, flags = _input_args(ops, W, dt_bias.contiguous(), A.contiguous(), Ds.contiguous())
     g0, g1 = ops.grad_pair(grad)

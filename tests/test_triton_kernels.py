@@ -86,6 +86,15 @@ def channels_last(args):
             *rest]
 
 
+def stacked_proj(low, B, C):
+    """dt_low, B, C stacked into the ops' projection (b, K, R+2N, H, W), laid out like them: (b, H, W, K, c) where
+    their c axis is innermost (the channels-last block's), else contiguous."""
+    proj = torch.cat([low, B, C], 2)
+    if low.stride(2) == 1 and low.shape[2] > 1:
+        proj = proj.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    return proj
+
+
 def grads(out, inputs, g):
     live = [t for t in inputs if t is not None]
     return list(torch.autograd.grad(out, live, g))
@@ -114,10 +123,7 @@ def compare_ss2d(args, route, tol, ref_dtype=torch.float64, monkeypatch=None, ex
     The Triton side runs as the models call it (``ss2d_core_packed_triton``): dt_low, B and C stacked into one
     projection in their layout, its gradient split for the comparison."""
     tri = [t.detach().clone().requires_grad_(True) for t in (args[0], *args[4:])]
-    proj = torch.cat([t.detach() for t in args[1:4]], 2)
-    if args[1].stride(2) == 1 and args[1].shape[2] > 1:   # c innermost: the channels-last block's projection
-        proj = proj.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
-    proj.requires_grad_(True)
+    proj = stacked_proj(*(t.detach() for t in args[1:4])).requires_grad_(True)
     ref = [t.detach().to(ref_dtype).requires_grad_(True) for t in args]
     y = ss2d_core_packed_triton(tri[0], proj, *tri[1:], route=route)
     monkeypatch.setenv("VM_UNET_BACKEND", "torch")
@@ -803,12 +809,8 @@ def test_opcheck_fake_and_autograd_registration():
     assert _route_plan("cross", 2, 3, "cpu", False, 4)[2] == (0, 0, 0, 0)
     empty = torch.empty(0)
 
-    def packed(inputs):   # the ops' arguments: x, proj (dt_low, B, C stacked, in their layout), parameters
-        x, low, B, C, *rest = inputs
-        proj = torch.cat([low, B, C], 2)
-        if low.stride(2) == 1:
-            proj = proj.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
-        return [x, proj, *rest]
+    def packed(inputs):   # the ops' arguments: x, proj, parameters
+        return [inputs[0], stacked_proj(*inputs[1:4]), *inputs[4:]]
     for inputs in (packed(args), packed(channels_last(args))):   # the fake impls give the real outputs' strides
         for keep in (True, False):               # channel first without a backward, run channels last inside
             opcheck(torch.ops.vm_unet.ss2d_fwd.default, (*inputs, "cross", None, keep),
