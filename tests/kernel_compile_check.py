@@ -49,6 +49,7 @@ class _Recorder:
 
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1"
+    from vm_unet.kernels import triton_depthwise_conv as dw
     from vm_unet.kernels import triton_norm_gate as ng
     from vm_unet.kernels import triton_transpose as tr
     from vm_unet.kernels.triton_selective_scan import selective_scan_triton
@@ -56,9 +57,9 @@ def main() -> int:
 
     recorders = [_Recorder(core._scan_fwd_kernel), _Recorder(core._scan_bwd_kernel),
                  _Recorder(ng._norm_gate_fwd_kernel), _Recorder(ng._norm_gate_bwd_kernel),
-                 _Recorder(tr._transpose_kernel)]
+                 _Recorder(tr._transpose_kernel), _Recorder(dw._dw_weight_grad_kernel)]
     (core._scan_fwd_kernel, core._scan_bwd_kernel, ng._norm_gate_fwd_kernel, ng._norm_gate_bwd_kernel,
-     tr._transpose_kernel) = recorders
+     tr._transpose_kernel, dw._dw_weight_grad_kernel) = recorders
     g = torch.Generator().manual_seed(0)
     for segments in (1, 3):
         core.TILE_OVERRIDE = {"segments": segments}
@@ -94,6 +95,9 @@ def main() -> int:
                   torch.randn(b, h, w, d, generator=g).to(dtype).requires_grad_()]
             ng.norm_gate_triton(*yz, torch.ones(d, requires_grad=True), torch.zeros(d, requires_grad=True), 1e-5,
                                 dtype).sum().backward()
+            for fmt in (torch.contiguous_format, torch.channels_last):   # the depthwise conv's weight gradient
+                xd = torch.randn(2, 70, h, w, generator=g).to(dtype).contiguous(memory_format=fmt)
+                dw.depthwise3x3_weight_grad(xd, torch.randn_like(xd))
     target = GPUTarget("cuda", 90, 32)
     count = scattered = pipelined = 0
     for rec in recorders:

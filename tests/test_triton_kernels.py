@@ -506,6 +506,82 @@ def test_lowrank_weight_grad_matches_reference(dtype):
         lowrank_weight_grad(torch.zeros(1, 8, 4), torch.zeros(1, 9, 2))
 
 
+def conv_weight_grads_float64(x, grad):
+    """d weight (C, 1, 3, 3) and d bias (C,) of a 3x3 depthwise conv (padding 1), in float64 by autograd."""
+    c = x.shape[1]
+    w = torch.zeros(c, 1, 3, 3, dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros(c, dtype=torch.float64, device=x.device, requires_grad=True)
+    y = torch.nn.functional.conv2d(x.double(), w, b, padding=1, groups=c)
+    return torch.autograd.grad(y, (w, b), grad.double())
+
+
+# odd sizes; both layouts; pieces that end mid-row and mid-image, tiles spanning images, one channel, channel blocks
+# with a remainder (70 channels, 64 a block channels last), and the default piece
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depthwise3x3_weight_grad_matches_reference(dtype):
+    from vm_unet.kernels.triton_depthwise_conv import depthwise3x3_weight_grad
+    g = torch.Generator().manual_seed(0)
+    for (b, c, h, w), piece in [((2, 3, 5, 7), None), ((1, 2, 9, 4), 32), ((3, 5, 6, 11), 40), ((2, 1, 3, 2), 5),
+                                ((2, 70, 5, 3), 20)]:
+        x, grad = (torch.randn(b, c, h, w, generator=g).to(dtype) for _ in range(2))
+        ref_w, ref_b = conv_weight_grads_float64(x, grad)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            dw, db = depthwise3x3_weight_grad(x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt),
+                                              piece)
+            assert dw.dtype == db.dtype == torch.float32 and dw.shape == (c, 1, 3, 3) and db.shape == (c,)
+            assert rel(dw, ref_w) < 1e-6 and rel(db, ref_b) < 1e-6, (b, c, h, w, piece, fmt)
+    with pytest.raises(ValueError, match="one"):
+        depthwise3x3_weight_grad(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 4))
+
+
+# the blocks' conv: output and every gradient against F.conv2d, with and without a bias, from inputs of any strides
+# (the blocks pass a permuted slice of in_proj's output); gradients in the parameters' strides; under autocast
+@cpu_only
+def test_depthwise_conv2d_matches_conv2d():
+    from vm_unet.kernels.depthwise_conv import depthwise_conv2d
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    for bias_on in (True, False):
+        conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=bias_on)
+        x0 = torch.randn(2, 7, 5, 12, generator=g)[..., ::2].permute(0, 3, 1, 2).requires_grad_()   # (2, 6, 7, 5)
+        params = [conv.weight] + ([conv.bias] if bias_on else [])
+        y = depthwise_conv2d(x0, conv.weight, conv.bias)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(y.shape, generator=g)
+        got = torch.autograd.grad(y, [x0, *params], gy)
+        want = torch.autograd.grad(F.conv2d(x0, conv.weight, conv.bias, padding=1, groups=6), [x0, *params], gy)
+        assert rel(y, F.conv2d(x0, conv.weight, conv.bias, padding=1, groups=6)) < 1e-6
+        for a, b, p in zip(got, want, [x0, *params]):
+            assert a.stride() == p.stride() or p is x0
+            assert rel(a, b) < 1e-6
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = depthwise_conv2d(x0, conv.weight, conv.bias)
+            ref16 = F.conv2d(x0, conv.weight, conv.bias, padding=1, groups=6)
+        assert y16.dtype == ref16.dtype == torch.bfloat16 and rel(y16, ref16) < 1e-2
+        dw16 = torch.autograd.grad(y16, conv.weight, gy.bfloat16())[0]
+        assert dw16.dtype == torch.float32 and rel(dw16, want[1]) < 1e-2
+    # without gradients, and for other kernel sizes, it is F.conv2d itself
+    with torch.no_grad():
+        plain = F.conv2d(x0, conv.weight, None, padding=1, groups=6)
+        assert torch.equal(depthwise_conv2d(x0, conv.weight, None), plain)
+    w5 = torch.randn(6, 1, 5, 5, requires_grad=True)
+    assert rel(depthwise_conv2d(x0, w5, None), F.conv2d(x0, w5, None, padding=2, groups=6)) < 1e-6
+
+
+@cpu_only
+def test_depthwise_conv_ops_pass_opcheck():
+    from vm_unet.kernels import depthwise_conv  # noqa: F401 (registers the ops)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 3, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True), torch.randn(4, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv, (x, w, b))
+    torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv, (x, w, None))
+    for has_bias in (True, False):
+        torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv_bwd, (torch.randn(x.shape, generator=g), x.detach(),
+                                                                         w.detach(), has_bias))
+
+
 # the backward's d dt_weight: cuBLAS below DW_TRITON_MIN_L positions, the Triton reduction from there
 @cpu_only
 def test_dt_weight_grad_either_side_of_the_threshold(monkeypatch):
@@ -984,6 +1060,21 @@ def test_gpu_lowrank_weight_grad_matches_reference(dtype):
         low = torch.randn(m, L, r, device="cuda", generator=g).to(dtype)
         ref = torch.einsum("mld,mlr->mdr", ddt.double(), low.double())
         assert rel(lowrank_weight_grad(ddt, low), ref) < 1e-5
+
+
+# compiled, at the blocks' sizes: batch 1 and a large image, and a batch of small ones, in both layouts
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_depthwise3x3_weight_grad_matches_reference(dtype):
+    from vm_unet.kernels.triton_depthwise_conv import depthwise3x3_weight_grad
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in [(1, 192, 301, 257), (32, 768, 16, 16), (3, 70, 33, 9)]:
+        x, grad = (torch.randn(shape, device="cuda", generator=g).to(dtype) for _ in range(2))
+        ref_w, ref_b = conv_weight_grads_float64(x, grad)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            dw, db = depthwise3x3_weight_grad(x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt))
+            assert rel(dw, ref_w) < 1e-5 and rel(db, ref_b) < 1e-5, (shape, fmt)
 
 
 # captured in a CUDA graph, the layout copies of mid-sized tensors take the tiled transposes (LAYOUT_OPTS); the graph's

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vm_unet.kernels import channels_last_is_faster, norm_gate, ss2d_core_packed, use_triton
+from vm_unet.kernels import channels_last_is_faster, depthwise_conv2d, norm_gate, ss2d_core_packed, use_triton
 from vm_unet.kernels.routes import num_directions, parse_route, quadtree_orders, quadtree_shift, route_info
 
 
@@ -169,15 +169,16 @@ class SSMCore(nn.Module):
         """SiLU(conv2d(x)) for x (B, D, H, W) of any strides, dense in the layout the fused scan core runs fastest in
         (``kernels.ss2d.channels_last_is_faster``; channel first where the reference runs). Channels last, the conv
         output, the x_proj GEMM, the scan kernels and y all stay channels last with no transposes between them. With
-        gradients the conv runs channel first and its output is converted after: on a channels-last input it would
-        return its weight's gradient in other strides than the parameter's, which DDP then copies into its buckets
-        every step."""
+        gradients the conv is ``kernels.depthwise_conv2d``: on CUDA it runs channels last with its weight gradient
+        in Triton, and returns that gradient in the parameter's strides (so DDP copies nothing into its buckets)."""
         grad = torch.is_grad_enabled()
-        if not (use_triton(x) and channels_last_is_faster(self.d_state, grad)):
-            return F.silu(self.conv2d(x.contiguous()))
-        if not grad:
-            return F.silu(self.conv2d(x.contiguous(memory_format=torch.channels_last)))
-        return F.silu(self.conv2d(x.contiguous())).contiguous(memory_format=torch.channels_last)
+        last = use_triton(x) and channels_last_is_faster(self.d_state, grad)
+        fmt = torch.channels_last if last else torch.contiguous_format
+        if grad:
+            y = depthwise_conv2d(x, self.conv2d.weight, self.conv2d.bias)
+        else:
+            y = self.conv2d(x.contiguous(memory_format=fmt))
+        return F.silu(y).contiguous(memory_format=fmt)
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, D, H, W) -> merged scan output (B, D, H, W). x channels last keeps the whole core channels last;
