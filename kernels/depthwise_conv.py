@@ -4,7 +4,8 @@ and bias gradients in Triton (``triton_depthwise_conv``).
     x        (b, C, H, W)   any strides
     weight   (C, 1, 3, 3)   the conv's weight, any float dtype (its gradient comes back in its dtype)
     bias     (C,) or None
-    returns  (b, C, H, W)   ``F.conv2d(x, weight, bias, padding=1, groups=C)`` in x's dtype, stored channels last
+    returns  (b, C, H, W)   ``F.conv2d(x, weight, bias, padding=1, groups=C)`` in x's dtype, channels last or
+                            channel first as asked: the layout the conv and its input gradient run in
 
 Why: cuDNN's weight gradient of a depthwise conv is a reduction over every position into nine numbers a channel, plus
 a second pass for the bias. Channels last it took 1.7x (stage 1 at 256² batch 32) to 4.2x (2048² batch 1) the time
@@ -21,47 +22,60 @@ import torch.nn.functional as F
 from .backend import use_triton
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout the op runs in: x's, dense (the wrapper made it so)."""
+    last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if last else torch.contiguous_format
+
+
+# Eager (outside torch.compile) the fused path only from this many positions (batch x height x width) a call. Each
+# call costs host time (the custom ops' dispatch, the Triton launch, the partial sums), which an eager training step,
+# bound by the host at the blocks' usual sizes, pays in full. Measured on H200 (BENCHMARKS.md, twenty-seventh
+# session, vmunet_isic eager training with the fused path at every size): 256² b32 -5%, 1024² b2 even, 2048² b1 +4%.
+EAGER_MIN_POSITIONS = 1 << 18
+
+
 def _fused_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    c = x.shape[1]
+    b, c, h, w = x.shape
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return needs_grad and tuple(weight.shape) == (c, 1, 3, 3) and use_triton(x)
+    if not (needs_grad and tuple(weight.shape) == (c, 1, 3, 3) and use_triton(x)):
+        return False
+    return torch.compiler.is_compiling() or b * h * w >= EAGER_MIN_POSITIONS
 
 
 @torch.library.custom_op("vm_unet::depthwise3x3_conv", mutates_args=())
 def depthwise3x3_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The conv in x's dtype, channels last (see the module docstring)."""
-    xc = x.contiguous(memory_format=torch.channels_last)
+    """The conv in x's dtype and layout (see the module docstring)."""
     # autocast (if on) chose x's dtype before the call; the parameters follow it, as autocast's conv2d casts them
     with torch.autocast(x.device.type, enabled=False):
-        return F.conv2d(xc, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=1,
-                        groups=x.shape[1]).contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=1,
+                        groups=x.shape[1]).contiguous(memory_format=_layout(x))
 
 
 @depthwise3x3_conv.register_fake
 def _(x, weight, bias):
-    return torch.empty_like(x, memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=_layout(x))
 
 
 @torch.library.custom_op("vm_unet::depthwise3x3_conv_bwd", mutates_args=())
 def depthwise3x3_conv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool
                           ) -> list[torch.Tensor]:
-    """[dx, d weight, d bias] (d bias empty without a bias): dx from cuDNN channels last, the others from Triton."""
+    """[dx, d weight, d bias] (d bias empty without a bias): dx from cuDNN in x's layout, the others from Triton."""
     from .triton_depthwise_conv import depthwise3x3_weight_grad  # noqa: PLC0415 (triton is imported only when used)
 
-    c = x.shape[1]
-    xc = x.contiguous(memory_format=torch.channels_last)
-    g = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    c, fmt = x.shape[1], _layout(x)
+    g = grad.to(x.dtype).contiguous(memory_format=fmt)
     with torch.autocast(x.device.type, enabled=False):
-        dx = torch.ops.aten.convolution_backward(g, xc, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False,
+        dx = torch.ops.aten.convolution_backward(g, x, weight.to(x.dtype), None, [1, 1], [1, 1], [1, 1], False,
                                                  [0, 0], c, [True, False, False])[0]
-    dx = dx.contiguous(memory_format=torch.channels_last)
-    dw, db = depthwise3x3_weight_grad(xc, g)
+    dx = dx.contiguous(memory_format=fmt)
+    dw, db = depthwise3x3_weight_grad(x, g)
     return [dx, dw.to(weight.dtype), db.to(weight.dtype) if has_bias else db.new_empty(0, dtype=weight.dtype)]
 
 
 @depthwise3x3_conv_bwd.register_fake
 def _(grad, x, weight, has_bias):
-    return [torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight),
+    return [torch.empty_like(x, memory_format=_layout(x)), torch.empty_like(weight),
             weight.new_empty(weight.shape[0] if has_bias else 0)]
 
 
@@ -80,15 +94,18 @@ def _backward(ctx, grad):
 depthwise3x3_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     channels_last: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for a (C, 1, k, k) weight, odd k. With gradients on
-    CUDA and k = 3: the fused path, whose output is channels last (``VM_UNET_BACKEND`` forces either path).
-    Elsewhere x is made contiguous first: PyTorch's conv returns the weight's gradient in other strides than the
-    parameter's when x is not, which DDP then copies into its buckets every step."""
+    CUDA and k = 3 (eager, from ``EAGER_MIN_POSITIONS``): the fused path, run and returned channels last or channel
+    first (``channels_last``), which costs x one copy if it is not already dense that way (``VM_UNET_BACKEND`` forces
+    either path). Elsewhere x is made contiguous first: PyTorch's conv returns the weight's gradient in other
+    strides than the parameter's when x is not, which DDP then copies into its buckets every step."""
     c, k = x.shape[1], weight.shape[-1]
     if _fused_applies(x, weight, bias):
         if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        # dense channels last before the op, so the tensor it keeps for the backward is the one cuDNN reads
-        return depthwise3x3_conv(x.contiguous(memory_format=torch.channels_last), weight, bias)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        # dense before the op, so the tensor it keeps for the backward is the one cuDNN reads
+        return depthwise3x3_conv(x.contiguous(memory_format=fmt), weight, bias)
     return F.conv2d(x.contiguous(), weight, bias, padding=k // 2, groups=c)

@@ -171,9 +171,11 @@ def test_ss2d_optimised_path_equals_published_formulation(d_state):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d_state", [4, 1])
-def test_gpu_ss2d_optimised_path_equals_published_formulation(d_state):
+def test_gpu_ss2d_optimised_path_equals_published_formulation(d_state, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from vm_unet.kernels import depthwise_conv  # noqa: PLC0415
+    monkeypatch.setattr(depthwise_conv, "EAGER_MIN_POSITIONS", 0)   # the fused conv at this size too
     _check_ss2d_optimised_equals_reference("cuda", d_state)
 
 

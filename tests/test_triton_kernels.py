@@ -535,28 +535,34 @@ def test_depthwise3x3_weight_grad_matches_reference(dtype):
         depthwise3x3_weight_grad(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 4))
 
 
-# the blocks' conv: output and every gradient against F.conv2d, with and without a bias, from inputs of any strides
-# (the blocks pass a permuted slice of in_proj's output); gradients in the parameters' strides; under autocast
+# the blocks' conv: output and every gradient against F.conv2d, in both layouts, with and without a bias, from inputs
+# of any strides (the blocks pass a permuted slice of in_proj's output); gradients in the parameters' strides and the
+# input's gradient in the conv's layout; under autocast
 @cpu_only
-def test_depthwise_conv2d_matches_conv2d():
+@pytest.mark.parametrize("last", [False, True])
+def test_depthwise_conv2d_matches_conv2d(last, monkeypatch):
+    from vm_unet.kernels import depthwise_conv
     from vm_unet.kernels.depthwise_conv import depthwise_conv2d
+    monkeypatch.setattr(depthwise_conv, "EAGER_MIN_POSITIONS", 0)
     F = torch.nn.functional
+    fmt = torch.channels_last if last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     for bias_on in (True, False):
         conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=bias_on)
         x0 = torch.randn(2, 7, 5, 12, generator=g)[..., ::2].permute(0, 3, 1, 2).requires_grad_()   # (2, 6, 7, 5)
         params = [conv.weight] + ([conv.bias] if bias_on else [])
-        y = depthwise_conv2d(x0, conv.weight, conv.bias)
-        assert y.is_contiguous(memory_format=torch.channels_last)
+        y = depthwise_conv2d(x0, conv.weight, conv.bias, channels_last=last)
+        assert y.is_contiguous(memory_format=fmt)
         gy = torch.randn(y.shape, generator=g)
         got = torch.autograd.grad(y, [x0, *params], gy)
         want = torch.autograd.grad(F.conv2d(x0, conv.weight, conv.bias, padding=1, groups=6), [x0, *params], gy)
         assert rel(y, F.conv2d(x0, conv.weight, conv.bias, padding=1, groups=6)) < 1e-6
+        assert got[0].is_contiguous(memory_format=fmt)
         for a, b, p in zip(got, want, [x0, *params]):
             assert a.stride() == p.stride() or p is x0
             assert rel(a, b) < 1e-6
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y16 = depthwise_conv2d(x0, conv.weight, conv.bias)
+            y16 = depthwise_conv2d(x0, conv.weight, conv.bias, channels_last=last)
             ref16 = F.conv2d(x0, conv.weight, conv.bias, padding=1, groups=6)
         assert y16.dtype == ref16.dtype == torch.bfloat16 and rel(y16, ref16) < 1e-2
         dw16 = torch.autograd.grad(y16, conv.weight, gy.bfloat16())[0]
@@ -564,22 +570,42 @@ def test_depthwise_conv2d_matches_conv2d():
     # without gradients, and for other kernel sizes, it is F.conv2d itself
     with torch.no_grad():
         plain = F.conv2d(x0, conv.weight, None, padding=1, groups=6)
-        assert torch.equal(depthwise_conv2d(x0, conv.weight, None), plain)
+        assert torch.equal(depthwise_conv2d(x0, conv.weight, None, channels_last=last), plain)
     w5 = torch.randn(6, 1, 5, 5, requires_grad=True)
-    assert rel(depthwise_conv2d(x0, w5, None), F.conv2d(x0, w5, None, padding=2, groups=6)) < 1e-6
+    assert rel(depthwise_conv2d(x0, w5, None, channels_last=last), F.conv2d(x0, w5, None, padding=2, groups=6)) < 1e-6
+
+
+# eager, the fused path from EAGER_MIN_POSITIONS positions a call (b·H·W), F.conv2d below
+@cpu_only
+def test_depthwise_conv2d_eager_threshold(monkeypatch):
+    from vm_unet.kernels import depthwise_conv
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return torch.ops.vm_unet.depthwise3x3_conv(*args)
+    monkeypatch.setattr(depthwise_conv, "depthwise3x3_conv", spy)
+    monkeypatch.setattr(depthwise_conv, "EAGER_MIN_POSITIONS", 2 * 5 * 7)
+    w = torch.randn(3, 1, 3, 3, requires_grad=True)
+    for shape, fused in [((2, 3, 5, 7), True), ((2, 3, 5, 6), False), ((3, 3, 5, 7), True)]:
+        calls.clear()
+        x = torch.randn(shape)
+        y = depthwise_conv.depthwise_conv2d(x, w, None)
+        assert bool(calls) == fused and rel(y, torch.nn.functional.conv2d(x, w, None, padding=1, groups=3)) < 1e-6
 
 
 @cpu_only
 def test_depthwise_conv_ops_pass_opcheck():
     from vm_unet.kernels import depthwise_conv  # noqa: F401 (registers the ops)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 5, 3, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
     w, b = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True), torch.randn(4, generator=g, requires_grad=True)
-    torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv, (x, w, b))
-    torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv, (x, w, None))
-    for has_bias in (True, False):
-        torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv_bwd, (torch.randn(x.shape, generator=g), x.detach(),
-                                                                         w.detach(), has_bias))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 4, 5, 3, generator=g).contiguous(memory_format=fmt).requires_grad_()
+        torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv, (x, w, b))
+        torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv, (x, w, None))
+        for has_bias in (True, False):
+            grad = torch.randn(x.shape, generator=g)
+            torch.library.opcheck(torch.ops.vm_unet.depthwise3x3_conv_bwd, (grad, x.detach(), w.detach(), has_bias))
 
 
 # the backward's d dt_weight: cuBLAS below DW_TRITON_MIN_L positions, the Triton reduction from there

@@ -169,13 +169,16 @@ class SSMCore(nn.Module):
         """SiLU(conv2d(x)) for x (B, D, H, W) of any strides, dense in the layout the fused scan core runs fastest in
         (``kernels.ss2d.channels_last_is_faster``; channel first where the reference runs). Channels last, the conv
         output, the x_proj GEMM, the scan kernels and y all stay channels last with no transposes between them. With
-        gradients the conv is ``kernels.depthwise_conv2d``: on CUDA it runs channels last with its weight gradient
-        in Triton, and returns that gradient in the parameter's strides (so DDP copies nothing into its buckets)."""
+        gradients the conv is ``kernels.depthwise_conv2d`` (on CUDA its weight gradient in Triton, returned in the
+        parameter's strides, so DDP copies nothing into its buckets). It runs in the scan's layout, except under
+        ``torch.compile``, where it runs channels last (cuDNN's fast layout for it) and inductor fuses the
+        conversion into the SiLU; eager, that conversion was a copy each way and measured slower."""
         grad = torch.is_grad_enabled()
         last = use_triton(x) and channels_last_is_faster(self.d_state, grad)
         fmt = torch.channels_last if last else torch.contiguous_format
         if grad:
-            y = depthwise_conv2d(x, self.conv2d.weight, self.conv2d.bias)
+            y = depthwise_conv2d(x, self.conv2d.weight, self.conv2d.bias,
+                                 channels_last=last or torch.compiler.is_compiling())
         else:
             y = self.conv2d(x.contiguous(memory_format=fmt))
         return F.silu(y).contiguous(memory_format=fmt)
