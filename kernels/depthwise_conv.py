@@ -9,8 +9,8 @@ and bias gradients in Triton (``triton_depthwise_conv``).
 
 Why: cuDNN's weight gradient of a depthwise conv is a reduction over every position into nine numbers a channel, plus
 a second pass for the bias. Channels last it took 1.7x (stage 1 at 256² batch 32) to 4.2x (2048² batch 1) the time
-of the Triton reduction; its forward and input gradient are fast channels last, and 5x slower channel first, where
-the eager model used to run them (BENCHMARKS.md, twenty-seventh session). ``F.conv2d`` stays the reference and the
+of the Triton reduction; its forward and input gradient are fast channels last, and 5x slower channel first (where
+eager training at d_state 16 runs them, in the scan's layout; BENCHMARKS.md, twenty-seventh session). ``F.conv2d`` stays the reference and the
 path everywhere else: on CPU, other kernel sizes, and without gradients (where inductor picks the conv's layout
 itself).
 """
@@ -31,7 +31,8 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 # Eager (outside torch.compile) the fused path only from this many positions (batch x height x width) a call. Each
 # call costs host time (the custom ops' dispatch, the Triton launch, the partial sums), which an eager training step,
 # bound by the host at the blocks' usual sizes, pays in full. Measured on H200 (BENCHMARKS.md, twenty-seventh
-# session, vmunet_isic eager training with the fused path at every size): 256² b32 -5%, 1024² b2 even, 2048² b1 +4%.
+# session, vmunet_isic eager training with the fused path at every size): 256² b32 even, 1024² b2 8-17% slower,
+# 2048² b1 +4% (stage 1 there is 2^18 positions a call).
 EAGER_MIN_POSITIONS = 1 << 18
 
 

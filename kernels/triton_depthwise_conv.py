@@ -94,7 +94,7 @@ def tile_shape(channels: int, channels_last: bool) -> tuple[int, int]:
     """(positions, channels) of a tile: one channel channel first, where positions are contiguous; up to 64
     channels (128 bytes of bf16 a position) channels last."""
     bc = max(1, min(64, next_pow2(channels))) if channels_last else 1
-    return TILE // bc, bc
+    return max(1, TILE // bc), bc
 
 
 def depthwise3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, piece: int | None = None
@@ -114,7 +114,6 @@ def depthwise3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, piece: int | N
         piece = PIECE
         while piece > bp and blocks * cdiv(positions, piece) < MIN_PROGRAMS:
             piece //= 2
-    piece = cdiv(piece, bp) * bp
     pieces = cdiv(positions, piece)
     partial = torch.empty(pieces, c, 10, device=x.device, dtype=torch.float32)
     _dw_weight_grad_kernel[(pieces, blocks)](x, *x.stride(), grad, *grad.stride(), partial, c, h, w, positions, piece,

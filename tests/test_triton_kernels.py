@@ -515,12 +515,17 @@ def conv_weight_grads_float64(x, grad):
     return torch.autograd.grad(y, (w, b), grad.double())
 
 
-# odd sizes; both layouts; pieces that end mid-row and mid-image, tiles spanning images, one channel, channel blocks
-# with a remainder (70 channels, 64 a block channels last), and the default piece
+# odd sizes; both layouts; pieces that end mid-row and mid-image, one channel, channel blocks with a remainder (70
+# channels, 64 a block channels last), the default piece; the default tile (one a piece here) and a 16-position one
+# (several tiles a piece, tiles spanning rows and images)
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_depthwise3x3_weight_grad_matches_reference(dtype):
+@pytest.mark.parametrize("tile", [None, 16])
+def test_depthwise3x3_weight_grad_matches_reference(dtype, tile, monkeypatch):
+    from vm_unet.kernels import triton_depthwise_conv
     from vm_unet.kernels.triton_depthwise_conv import depthwise3x3_weight_grad
+    if tile:
+        monkeypatch.setattr(triton_depthwise_conv, "TILE", tile)
     g = torch.Generator().manual_seed(0)
     for (b, c, h, w), piece in [((2, 3, 5, 7), None), ((1, 2, 9, 4), 32), ((3, 5, 6, 11), 40), ((2, 1, 3, 2), 5),
                                 ((2, 70, 5, 3), 20)]:

@@ -172,7 +172,7 @@ class SSMCore(nn.Module):
         gradients the conv is ``kernels.depthwise_conv2d`` (on CUDA its weight gradient in Triton, returned in the
         parameter's strides, so DDP copies nothing into its buckets). It runs in the scan's layout, except under
         ``torch.compile``, where it runs channels last (cuDNN's fast layout for it) and inductor fuses the
-        conversion into the SiLU; eager, that conversion was a copy each way and measured slower."""
+        conversion into the SiLU; eager, that conversion would be a copy each way."""
         grad = torch.is_grad_enabled()
         last = use_triton(x) and channels_last_is_faster(self.d_state, grad)
         fmt = torch.channels_last if last else torch.contiguous_format
