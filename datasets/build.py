@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from vm_unet.errors import ConfigError, DataError
 
 from . import folder, volume
+from .resized_cache import ResizedPairs
 from .synthetic import SyntheticLesions
 from .transforms import PictureTransform, SliceTransform
 
@@ -104,8 +105,22 @@ def _verify_full(data: dict, n: int) -> bool:
     return v == "full"
 
 
-def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=None) -> DataBundle:
-    """Datasets for the requested splits. Raises DataError/ConfigError (one line, naming the file) on bad input."""
+def _cache_on(data: dict) -> bool:
+    """``data.cache`` (default true), checked."""
+    on = data.get("cache", True)
+    if not isinstance(on, bool):
+        raise ConfigError(f"data.cache must be true or false, got {on!r}")
+    return on
+
+
+def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=None,
+                   for_training: bool = False) -> DataBundle:
+    """Datasets for the requested splits. Raises DataError/ConfigError (one line, naming the file) on bad input.
+
+    ``for_training``: the caller is the trainer, which sees pictures only at ``data.image_size`` and batches them
+    through a loader. Picture folders are then read through on-disk copies at that size (``ResizedPairs`` in
+    ``data.cache_dir``; ``data.cache: false`` turns it off), and pictures come as uint8 with compact labels, for
+    :class:`~vm_unet.datasets.transforms.DeviceNormalize` to finish on the device."""
     data, model = cfg.get("data", {}), cfg.get("model", {})
     kind = data.get("kind", "synthetic")
     if kind not in KINDS:
@@ -130,8 +145,8 @@ def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=Non
         preprocessing = {"input": "image2d", "image_size": size, "in_chans": in_chans, "inference_mode": "resize",
                          "normalize": {"mean": list(mean), "std": list(std), "max_pixel_value": 255.0},
                          "threshold": float(data.get("threshold", 0.5))}
-        plain = PictureTransform(size, mean, std)
-        aug = PictureTransform(size, mean, std, augment=augment) if augment else None
+        plain = PictureTransform(size, mean, std, compact=for_training)
+        aug = PictureTransform(size, mean, std, augment=augment, compact=for_training) if augment else None
         if kind == "synthetic":
             if in_chans != 3 or num_classes != 1:
                 raise ConfigError("synthetic data is RGB binary: model.in_chans=3, model.num_classes=1")
@@ -162,8 +177,11 @@ def build_datasets(cfg: dict, splits=("train", "val", "test"), root_override=Non
                 sources = {s: folder.FolderPairs([by_stem[k] for k in sp[s]], **kw) if sp[s] else None
                            for s in ("train", "val", "test")}
                 split_record = {"mode": "file" if (data.get("split") or {}).get("file") else "seeded", **sp}
+            resized = for_training and _cache_on(data)
             for s in splits:
                 if sources.get(s) is not None:
+                    if resized:
+                        sources[s] = ResizedPairs(sources[s], size, data.get("cache_dir"))
                     sources[s].verify(_verify_full(data, len(sources[s])))
     else:
         if not root:

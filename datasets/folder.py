@@ -178,9 +178,9 @@ class FolderPairs:
     def name(self, i: int) -> str:
         return self.pairs[i][0].stem
 
-    def verify(self, full: bool) -> None:
-        for img, m in self.pairs:
-            check_pair(img, m, full, self.num_classes, self.mask_threshold, self.label_map)
+    def verify(self, full: bool, indices=None) -> None:
+        for i in range(len(self.pairs)) if indices is None else indices:
+            check_pair(*self.pairs[i], full, self.num_classes, self.mask_threshold, self.label_map)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         img_p, mask_p = self.pairs[i]

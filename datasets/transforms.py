@@ -34,17 +34,38 @@ def _spec_items(augment):
         yield spec["name"], kw
 
 
+def _albumentations():
+    # albumentations asks PyPI for its latest version on import (2 s timeout, a warning offline, once per
+    # data-loader process); training on clinical data should not call out. An explicit user setting wins.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
+    return A
+
+
+def resize_op(image_size):
+    """The resize every picture starts with in training (``PictureTransform``, ``ResizedPairs``): one definition,
+    so that a pair resized ahead of time is exactly what the transform would have made of it."""
+    h, w = image_size
+    return _albumentations().Resize(h, w)
+
+
+def albumentations_mask(mask: np.ndarray) -> np.ndarray:
+    """Labels as the dtype albumentations' OpenCV ops take (they reject int64)."""
+    return mask.astype(np.uint8) if mask.max() < 256 else mask.astype(np.int32)
+
+
 class PictureTransform:
-    """albumentations: resize -> augment -> normalise; returns (C,H,W) float32 tensor and (H,W) int64 tensor."""
+    """albumentations: resize -> augment -> normalise; returns a (C,H,W) float32 tensor and (H,W) int64 labels.
 
-    def __init__(self, image_size, mean, std, max_pixel_value=255.0, augment=None):
-        # albumentations asks PyPI for its latest version on import (2 s timeout, a warning offline, once per
-        # data-loader process); training on clinical data should not call out. An explicit user setting wins.
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        import albumentations as A
+    ``compact``: stop before normalising and return the (C,H,W) uint8 picture with labels as albumentations holds
+    them (uint8 below 256 classes): the training loader moves a fifth of the bytes (a 256² batch of 32: 8 MB instead
+    of 42), and :class:`DeviceNormalize` finishes the job on the GPU. On an H200 the loader's main process topped out
+    near 900 img/s on float batches, below what compiled training takes (BENCHMARKS.md)."""
 
-        h, w = image_size
-        ops = [A.Resize(h, w)]
+    def __init__(self, image_size, mean, std, max_pixel_value=255.0, augment=None, compact: bool = False):
+        A = _albumentations()
+        ops = [resize_op(image_size)]
         for name, kw in _spec_items(augment):
             cls = getattr(A, name, None)
             if cls is None or not inspect.isclass(cls):
@@ -53,15 +74,38 @@ class PictureTransform:
                 ops.append(cls(**kw))
             except Exception as e:
                 raise ConfigError(f"augment: albumentations.{name}({kw}) failed: {e}") from None
-        ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=float(max_pixel_value)))
-        self.compose = A.Compose(ops, seed=0)
+        if not compact:
+            ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=float(max_pixel_value)))
+        self.compose, self.compact = A.Compose(ops, seed=0), compact
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int | None):
         if seed is not None:
             self.compose.set_random_seed(int(seed))
-        out = self.compose(image=image, mask=mask.astype(np.uint8) if mask.max() < 256 else mask.astype(np.int32))
-        img = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))).float()
-        return img, torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+        out = self.compose(image=image, mask=albumentations_mask(mask))
+        img = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        labels = torch.from_numpy(np.ascontiguousarray(out["mask"]))
+        return (img, labels) if self.compact else (img.float(), labels.long())
+
+
+class DeviceNormalize:
+    """Model input from a training batch, on its device: uint8 pictures (``PictureTransform(compact=True)``) get the
+    normalisation ``A.Normalize`` would have applied, from the preprocessing record; float batches (volume slices,
+    normalised in the loader) pass through."""
+
+    def __init__(self, preprocessing: dict, device):
+        norm = preprocessing.get("normalize")
+        self.mean = self.std = None
+        if norm:
+            scale = float(norm.get("max_pixel_value", 255.0))
+            as_column = lambda v: torch.tensor([float(a) * scale for a in v], device=device).view(-1, 1, 1)  # noqa
+            self.mean, self.std = as_column(norm["mean"]), as_column(norm["std"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        if self.mean is None:
+            raise ValueError("uint8 batch without a normalisation in the preprocessing record")
+        return (x.float() - self.mean) / self.std
 
 
 class SliceTransform:

@@ -21,6 +21,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _private_data_cache(tmp_path_factory, monkeypatch):
+    """Resized-picture caches (``data.cache``) go to a per-test folder, never the user's ~/.cache."""
+    monkeypatch.setenv("VM_UNET_CACHE_DIR", str(tmp_path_factory.mktemp("resized_cache")))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -1,4 +1,8 @@
 """Datasets: synthetic generator, ISIC folders, splits, NIfTI/Synapse slices, and every bad-input case."""
+import copy
+import functools
+import os
+import warnings
 from pathlib import Path
 
 import h5py
@@ -8,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vm_unet.datasets import build_datasets, make_lesion, seeded_split
+from vm_unet.datasets import DeviceNormalize, build_datasets, collate, make_lesion, seeded_split
+from vm_unet.datasets.folder import FolderPairs
 from vm_unet.errors import DataError, UserError
 from vm_unet.training.config import load_config
 
@@ -66,6 +71,103 @@ def test_folder_pairs_suffix_and_transforms(tmp_path):
     assert b.preprocessing["image_size"] == [32, 32] and b.preprocessing["input"] == "image2d"
 
 
+def _items(ds, seeds=(None, 5, 6)):
+    return [ds[i if seed is None else (i, seed)] for i in range(len(ds)) for seed in seeds]
+
+
+def _cache_files(d):
+    return sorted(p.name for p in Path(d).rglob("*.npy"))
+
+
+def _without_cache(cfg):
+    cfg = copy.deepcopy(cfg)
+    cfg["data"]["cache"] = False
+    return cfg
+
+
+def test_resized_cache_gives_what_decoding_gives(tmp_path, monkeypatch):
+    # odd sizes larger and smaller than the training size, JPEG and PNG; augmentation on, as in training
+    root = make_pairs(tmp_path / "d", n=3, size=(97, 131))
+    for i in (3, 4):
+        img, m = make_lesion(i, 1, (21, 17))
+        Image.fromarray(img).save(root / "images" / f"ISIC_{i:03d}.png")
+        Image.fromarray(m * 255).save(root / "masks" / f"ISIC_{i:03d}_segmentation.png")
+    cfg = folder_cfg(root, image_size=[24, 40], split={"val_fraction": 0.4, "seed": 0})
+    cfg["augment"] = [{"name": "Affine", "rotate": [-30, 30], "p": 1.0}, {"name": "ColorJitter", "p": 0.5}]
+    cache_dir = Path(os.environ["VM_UNET_CACHE_DIR"])
+    plain = build_datasets(_without_cache(cfg), for_training=True)
+    assert not _cache_files(cache_dir)
+    expect = [_items(plain.train), _items(plain.val, (None,))]
+    first = build_datasets(cfg, for_training=True)
+    stored = None
+    for _ in range(2):          # decodes and stores, then reads the stored pairs
+        ds = build_datasets(cfg, for_training=True) if stored else first
+        if stored:
+            monkeypatch.setattr(FolderPairs, "load", lambda *a: pytest.fail("decoded a stored pair"))
+        for a_split, b_split in zip(expect, [_items(ds.train), _items(ds.val, (None,))]):
+            for a, b in zip(a_split, b_split, strict=True):
+                assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+                assert a["name"] == b["name"]
+        stored = _cache_files(cache_dir)
+        assert len(stored) == 2 * 5
+    # an entry is a function of the file: a changed mask misses and is decoded again
+    monkeypatch.undo()
+    monkeypatch.setenv("VM_UNET_CACHE_DIR", str(cache_dir))
+    mask_path = first.val.source.source.pairs[0][1]
+    shape = np.asarray(Image.open(mask_path)).shape
+    m = np.zeros(shape, np.uint8)
+    m[2:9, 3:12] = 255
+    Image.fromarray(m).save(mask_path)
+    os.utime(mask_path, ns=(1, 1))
+    again = build_datasets(cfg, for_training=True).val
+    fresh = build_datasets(_without_cache(cfg), for_training=True).val
+    assert torch.equal(again[0]["mask"], fresh[0]["mask"]) and again[0]["mask"].sum() > 0
+    assert not torch.equal(again[0]["mask"], expect[1][0]["mask"])
+    assert len(_cache_files(cache_dir)) == 2 * 5 + 2
+    # data.cache: false reads the originals; a bad value is a one-line error
+    cfg["data"]["cache"] = False
+    assert type(build_datasets(cfg, for_training=True).val.source).__name__ == "FolderPairs"
+    cfg["data"]["cache"] = "yes"
+    _err(cfg, "data.cache must be true or false", for_training=True)
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "folder"])
+def test_training_batches_are_compact_and_normalise_on_the_device(tmp_path, kind):
+    cfg = folder_cfg(make_pairs(tmp_path / "d", n=6, size=(37, 53)), split={"val_fraction": 0.34, "seed": 0})
+    if kind == "synthetic":
+        cfg = load_config("synthetic")
+        cfg["data"].update({"image_size": 24, "num_samples": {"train": 3, "val": 2}})
+    cfg["augment"] = [{"name": "Affine", "rotate": [-30, 30], "p": 1.0}, {"name": "ColorJitter", "p": 1.0}]
+    compact, plain = build_datasets(cfg, for_training=True), build_datasets(cfg)
+    to_input = DeviceNormalize(compact.preprocessing, "cpu")
+    assert compact.preprocessing == plain.preprocessing
+    for split in ("train", "val"):
+        for item in [(0, 7), (1, 8)] if split == "train" else [0, 1]:
+            a, b = getattr(compact, split)[item], getattr(plain, split)[item]
+            assert a["image"].dtype == torch.uint8 and a["mask"].dtype == torch.uint8
+            batch = collate([a, a])
+            torch.testing.assert_close(to_input(batch["image"])[0], b["image"], rtol=0, atol=1e-5)
+            assert torch.equal(batch["mask"][0].long(), b["mask"])
+    x = torch.rand(2, 1, 4, 4)
+    assert to_input(x) is x          # float batches (volume slices) pass through
+
+
+def test_resized_cache_that_cannot_be_written_warns_and_decodes(tmp_path):
+    root = make_pairs(tmp_path / "d", n=3)
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    cfg = folder_cfg(root, cache_dir=str(blocked / "cache"), split={"val_fraction": 0.34, "seed": 0})
+    ds = build_datasets(cfg, for_training=True).train
+    with pytest.warns(UserWarning, match="cannot store resized images"):
+        a = ds[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # one warning, not one a sample
+        b = ds[1]
+    plain = build_datasets(folder_cfg(root, cache=False, split={"val_fraction": 0.34, "seed": 0}),
+                           for_training=True).train
+    assert torch.equal(a["image"], plain[0]["image"]) and torch.equal(b["mask"], plain[1]["mask"])
+
+
 def test_train_val_test_subfolders(tmp_path):
     for s, n in (("train", 3), ("val", 2), ("test", 2)):
         make_pairs(tmp_path / s, n=n, mask_suffix="")
@@ -73,52 +175,54 @@ def test_train_val_test_subfolders(tmp_path):
     assert (len(b.train), len(b.val), len(b.test)) == (3, 2, 2)
 
 
-def _err(cfg, match):
+def _err(cfg, match, for_training=False):
     with pytest.raises(UserError) as ei:
-        build_datasets(cfg)
+        build_datasets(cfg, for_training=for_training)
     msg = str(ei.value)
     assert "\n" not in msg and match in msg, msg
     return msg
 
 
-def test_bad_folder_inputs(tmp_path):
+@pytest.mark.parametrize("for_training", [False, True])
+def test_bad_folder_inputs(tmp_path, for_training):
+    err = functools.partial(_err, for_training=for_training)
     # image without mask
     r = make_pairs(tmp_path / "a")
     (r / "masks" / "ISIC_002_segmentation.png").unlink()
-    assert "ISIC_002" in _err(folder_cfg(r), "no matching mask")
+    assert "ISIC_002" in err(folder_cfg(r), "no matching mask")
     # mask without image
     r = make_pairs(tmp_path / "b")
     (r / "images" / "ISIC_001.jpg").unlink()
-    _err(folder_cfg(r), "mask has no matching image")
+    err(folder_cfg(r), "mask has no matching image")
     # size mismatch
     r = make_pairs(tmp_path / "c")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(r / "masks" / "ISIC_003_segmentation.png")
-    assert "ISIC_003" in _err(folder_cfg(r), "differs from image")
+    assert "ISIC_003" in err(folder_cfg(r), "differs from image")
     # non-binary mask for a binary task (grey JPEG-like edges)
     r = make_pairs(tmp_path / "d")
     m = np.zeros((40, 48), np.uint8)
     m[5:20, 5:20] = 255
     m[20, 5:20] = 128
     Image.fromarray(m).save(r / "masks" / "ISIC_004_segmentation.png")
-    assert "ISIC_004" in _err(folder_cfg(r), "not binary")
-    build_datasets(folder_cfg(r, mask_threshold=127))  # the documented way out works
+    assert "ISIC_004" in err(folder_cfg(r), "not binary")
+    build_datasets(folder_cfg(r, mask_threshold=127), for_training=for_training)  # the documented way out works
     # wrong label values for a multi-class task
     cfg = folder_cfg(r, mask_threshold=None)
     cfg["model"]["num_classes"] = 3
     cfg["data"]["class_names"] = ["a", "b", "c"]
-    _err(cfg, "num_classes=3")
+    err(cfg, "num_classes=3")
     # empty folders
     (tmp_path / "e" / "images").mkdir(parents=True)
     (tmp_path / "e" / "masks").mkdir(parents=True)
-    _err(folder_cfg(tmp_path / "e"), "no image files")
+    err(folder_cfg(tmp_path / "e"), "no image files")
     # corrupt image file
     r = make_pairs(tmp_path / "f", ext=".png")
     (r / "images" / "ISIC_000.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 20)
-    assert "ISIC_000.png" in _err(folder_cfg(r), "cannot read image")
+    assert "ISIC_000.png" in err(folder_cfg(r), "cannot read image")
     # missing folder / wrong layout
-    _err(folder_cfg(tmp_path / "nope"), "not found")
+    err(folder_cfg(tmp_path / "nope"), "not found")
     (tmp_path / "g").mkdir()
-    _err(folder_cfg(tmp_path / "g"), "expected sub-folders")
+    err(folder_cfg(tmp_path / "g"), "expected sub-folders")
 
 
 def _nifti(path, a, affine=None):

@@ -90,6 +90,15 @@ def test_resume_is_exact(tmp_path, full_run):
     assert ha == hb
 
 
+def test_loader_workers_give_the_same_run(tmp_path, full_run):
+    # the run's worker processes outlive an epoch (persistent): each epoch must still get its own order and seeds
+    cfg = tiny_cfg(tmp_path, ema=0.9)
+    cfg["data"]["num_workers"] = 2
+    a, b = read_checkpoint(full_run / "last.pt"), read_checkpoint(train(cfg) / "last.pt")
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
 def test_sampler_skip_resumes_mid_epoch():
     from vm_unet.training.sampling import TrainSampler
 

@@ -246,3 +246,30 @@ def plot_results(results: list[Result], path: Path, title: str | None = None) ->
     fig.tight_layout()
     _atomic_savefig(fig, Path(path))
     plt.close(fig)
+
+
+def measure_loader(cfg: dict, epochs: int = 2, max_samples: int | None = None, progress: bool = True) -> list[dict]:
+    """Training batches a second from the config's data pipeline, per epoch, in the trainer's loader (decode,
+    resize, augmentation, collate, pinning in ``data.num_workers`` workers); no model. With picture folders the
+    first epoch stores the resized copies (``data.cache``) and later ones read them. Rows: epoch, samples, seconds,
+    img/s, and how many of the samples had a stored copy when the epoch began (None without the cache)."""
+    from vm_unet.datasets import build_datasets
+    from vm_unet.training.sampling import TrainSampler
+    from vm_unet.training.trainer import _bar, resolve_device, train_loader
+
+    data = build_datasets(cfg, splits=("train",), for_training=True)
+    n = len(data.train) if max_samples is None else min(int(max_samples), len(data.train))
+    source, seed = data.train.source, int(cfg.get("seed", 0))
+    sampler = TrainSampler(n, seed)
+    loader = train_loader(data.train, sampler, int(cfg["train"]["batch_size"]), int(cfg["data"].get("num_workers", 0)),
+                          resolve_device(cfg.get("device", "auto")), seed)
+    rows = []
+    for epoch in range(epochs):
+        stored = sum(source.cached(i) for i in range(n)) if hasattr(source, "cached") else None
+        sampler.set_epoch(epoch)
+        t = time.perf_counter()
+        for _ in _bar(loader, progress, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
+            pass
+        dt = time.perf_counter() - t
+        rows.append({"epoch": epoch + 1, "samples": n, "seconds": dt, "img_s": n / dt, "stored_before": stored})
+    return rows

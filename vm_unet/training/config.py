@@ -16,7 +16,10 @@ DEFAULTS: dict = {
     "run_name": None,
     "model": {"name": "vmunet_isic", "in_chans": 3, "num_classes": 1, "overrides": {}, "pretrained": None},
     "data": {"kind": "synthetic", "root": None, "image_size": 64, "num_workers": 0, "class_names": None,
-             "split": {"val_fraction": 0.2, "test_fraction": 0.0, "seed": 0, "file": None}},
+             "split": {"val_fraction": 0.2, "test_fraction": 0.0, "seed": 0, "file": None},
+             # picture folders: training reads copies resized to image_size, made in the first epoch
+             # (datasets/resized_cache.py); cache_dir None: $VM_UNET_CACHE_DIR or ~/.cache/vm_unet/resized
+             "cache": True, "cache_dir": None},
     "augment": [],
     "train": {
         "epochs": 2, "max_steps": None, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-2,

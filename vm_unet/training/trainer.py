@@ -140,6 +140,18 @@ def _new_run_dir(cfg: dict) -> Path:
     return d
 
 
+def train_loader(dataset, sampler: TrainSampler, batch_size: int, num_workers: int, device: str,
+                 seed: int) -> DataLoader:
+    """The training batches, one epoch per iteration of the loader: ``sampler.set_epoch`` first (also what
+    ``vm_unet.benchmark.measure_loader`` times). Its workers live for the whole run: starting them (and importing
+    albumentations in each) every epoch cost a second or two an epoch."""
+    from vm_unet.datasets import collate
+
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=device == "cuda", drop_last=False, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+
+
 def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
     """``train.compile`` and ``train.cuda_graphs``, checked: (compile the training forward, with CUDA graphs).
 
@@ -169,7 +181,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
 
     ``resume``: a run folder or a checkpoint; training continues in that run folder. ``callbacks``:
     ``{"on_epoch_end": fn(info)}`` (used by tests to simulate a crash)."""
-    from vm_unet.datasets import build_datasets, collate
+    from vm_unet.datasets import DeviceNormalize, build_datasets, collate
     from vm_unet.models import compile_model, model_config, set_grad_checkpointing
     import vm_unet
 
@@ -196,7 +208,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     random.seed(seed + rank)
 
     # Data first: bad input must fail before anything is written.
-    data = build_datasets(cfg, splits=("train", "val"))
+    data = build_datasets(cfg, splits=("train", "val"), for_training=True)
     mc = cfg["model"]
     num_classes, in_chans = int(mc.get("num_classes", 1)), int(mc.get("in_chans", 3))
     try:
@@ -296,9 +308,11 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                 class_names=data.class_names)
     nw = int(cfg["data"].get("num_workers", 0))
     val_loader = DataLoader(data.val, batch_size=int(tc.get("val_batch_size") or bs), collate_fn=collate,
-                            sampler=ShardSampler(len(data.val), rank, world), num_workers=nw)
+                            sampler=ShardSampler(len(data.val), rank, world), num_workers=nw,
+                            persistent_workers=nw > 0)
     metrics = SegMetrics(num_classes, data.class_names, hd95=bool(tc.get("hd95", True)))
     threshold = float(data.preprocessing.get("threshold", 0.5))
+    to_input = DeviceNormalize(data.preprocessing, dev)
     log_every = int(tc.get("log_every", 10))
 
     def save(kind: str, epoch_done: int, batch_done: int, val_summary: dict | None):
@@ -322,21 +336,21 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
             save_checkpoint(run_dir / f"epoch_{epoch_done:04d}.pt", weights, **meta, extra=extra)
         wrote_ckpt = True
 
+    loader = train_loader(data.train, train_sampler, bs, nw, device, seed)
     try:
         epoch = start_epoch
         while epoch < epochs and global_step < total_steps:
             train_sampler.set_epoch(epoch, skip=batch_in_epoch * bs)
-            loader = DataLoader(data.train, batch_size=bs, sampler=train_sampler, collate_fn=collate,
-                                num_workers=nw, pin_memory=device == "cuda", drop_last=False,
-                                generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
             net.train()
             t_epoch = time.perf_counter()
             # on the device: a .cpu() per step would synchronise the GPU every step
             run_loss, run_n = torch.zeros((), dtype=torch.float64, device=dev), 0
-            bar = _bar(loader, main, f"epoch {epoch + 1}/{epochs}", initial=batch_in_epoch, total=steps_per_epoch)
-            for batch in bar:
-                x = batch["image"].to(dev, non_blocking=True)
-                y = batch["mask"].to(dev, non_blocking=True)
+            batches = _WaitTimer(_bar(loader, main, f"epoch {epoch + 1}/{epochs}", initial=batch_in_epoch,
+                                      total=steps_per_epoch))
+            bar = batches.it
+            for batch in batches:
+                x = to_input(batch["image"].to(dev, non_blocking=True))
+                y = batch["mask"].to(dev, non_blocking=True).long()
                 if cuda_graphs:
                     # a new step for the graphs' memory: also right after a skipped (NaN) batch left its backward
                     # pending, which the automatic step detection would misread
@@ -390,7 +404,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
             if ema is not None:
                 eval_model = copy.deepcopy(model)
                 eval_model.load_state_dict(ema.shadow)
-            val, overlays = validate(eval_model, val_loader, loss_fn, metrics, dev, adt, threshold,
+            val, overlays = validate(eval_model, val_loader, to_input, loss_fn, metrics, dev, adt, threshold,
                                      int(tc.get("overlays", 4)) if main else 0, data.preprocessing)
             row = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
                    "lr": sched.get_last_lr()[0], "val_loss": val.pop("loss"),
@@ -410,7 +424,8 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                       f"val Dice {row['val_mean_dice']:.4f} (pooled DSC {row['val_pooled_dsc']:.4f}, "
                       f"mIoU {row['val_pooled_miou']:.4f}, HD95 {row['val_mean_hd95']:.2f})"
                       + ("  *best*" if improved else "")
-                      + f"  [train {t_val - t_epoch:.1f}s, val {t_save - t_val:.1f}s, "
+                      + f"  [train {t_val - t_epoch:.1f}s ({float(stats[1]) / max(t_val - t_epoch, 1e-9):.0f} img/s, "
+                        f"{batches.seconds:.1f}s of it waiting for data), val {t_save - t_val:.1f}s, "
                         f"save+log {time.perf_counter() - t_save:.1f}s]", flush=True)
             if "on_epoch_end" in callbacks:
                 callbacks["on_epoch_end"]({"epoch": epoch + 1, "step": global_step, "run_dir": run_dir, "row": row})
@@ -433,6 +448,26 @@ def _prim(d):
     return json.loads(json.dumps(d))
 
 
+class _WaitTimer:
+    """Iterates ``it``, adding up the time spent waiting for its items: a loader that keeps the GPU waiting shows
+    here (raise data.num_workers)."""
+
+    def __init__(self, it):
+        self.it, self.seconds = it, 0.0
+
+    def __iter__(self):
+        items = iter(self.it)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - t
+            yield item
+
+
 def _bar(it, main, desc, initial=0, total=None):
     if not main:
         return it
@@ -446,14 +481,16 @@ def _bar(it, main, desc, initial=0, total=None):
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, metrics: SegMetrics, dev, adt, threshold, n_overlays, preprocessing):
-    """Loss and metrics over the validation shard of this rank, reduced over ranks; plus overlay items."""
+def validate(model, loader, to_input, loss_fn, metrics: SegMetrics, dev, adt, threshold, n_overlays,
+             preprocessing):
+    """Loss and metrics over the validation shard of this rank, reduced over ranks; plus overlay items.
+    ``to_input``: the batch's model input from its image tensor on the device (``DeviceNormalize``)."""
     model.eval()
     metrics.reset()
     tot, n = torch.zeros((), dtype=torch.float64), 0
     overlays = []
     for batch in loader:
-        x, y = batch["image"].to(dev), batch["mask"].to(dev)
+        x, y = to_input(batch["image"].to(dev)), batch["mask"].to(dev).long()
         with torch.autocast(device_type=dev.type, dtype=adt or torch.float32, enabled=adt is not None):
             logits = model(x)
         logits = logits.float()
