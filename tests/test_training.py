@@ -215,6 +215,34 @@ def test_nan_skip_policy_logs_then_stops(tmp_path, capsys):
     assert "batch skipped" in capsys.readouterr().err
 
 
+def _nan_skip_run(tmp_path, device="cpu"):
+    cfg = dict(tiny_cfg(tmp_path, nan_policy="skip", epochs=1, max_steps=3), device=device)
+    cfg["data"]["std"] = [0.0, 0.0, 0.0]  # every input inf -> every loss NaN
+    return read_checkpoint(train(cfg) / "last.pt")["training_state"]
+
+
+def test_nan_skip_leaves_the_weights_and_counts_the_step(tmp_path):
+    ts = _nan_skip_run(tmp_path)
+    assert ts["nan_skipped"] == 3 and ts["global_step"] == 3 and ts["scheduler"]["last_epoch"] == 3
+    assert not ts["optimizer"]["state"]        # no update was ever applied
+
+
+@pytest.mark.gpu
+def test_gpu_nan_checked_a_step_late(tmp_path):
+    """On a GPU (fused AdamW, bf16) the host reads the NaN flag a step late: the update of a bad batch is dropped on
+    the device (moments and step counts untouched), the skip is counted, and the stop policy names the step."""
+    from vm_unet.errors import TrainingError
+
+    ts = _nan_skip_run(tmp_path / "skip", device="cuda")
+    assert ts["nan_skipped"] == 3 and ts["global_step"] == 3 and ts["scheduler"]["last_epoch"] == 3
+    state = ts["optimizer"]["state"].values()
+    assert state and all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in state)
+    cfg = dict(tiny_cfg(tmp_path / "stop", epochs=1), device="cuda")
+    cfg["data"]["std"] = [0.0, 0.0, 0.0]
+    with pytest.raises(TrainingError, match="loss became NaN/Inf at epoch 1, step 1 "):
+        train(cfg)
+
+
 def test_worker_error_message_reduced_to_one_line():
     from vm_unet.training.cli import one_line
 
@@ -273,9 +301,9 @@ def test_train_compile_option(tmp_path, monkeypatch):
         trainer_mod.compile_options({"compile": "yes"}, "cuda", False)
 
 
-def test_train_cuda_graphs_option_checks(tmp_path):
-    """``train.cuda_graphs`` is for one CUDA device: on CPU, under DDP or not a boolean it is a one-line config
-    error before anything is written."""
+def test_train_cuda_graphs_option_checks(tmp_path, monkeypatch):
+    """``train.cuda_graphs`` is for one CUDA device: true on CPU, under DDP or a wrong value is a one-line config
+    error before anything is written; auto picks."""
     import vm_unet.training.trainer as trainer_mod
     from vm_unet.errors import ConfigError
 
@@ -284,10 +312,24 @@ def test_train_cuda_graphs_option_checks(tmp_path):
     assert not (tmp_path / "cpu").exists()
     with pytest.raises(ConfigError, match="one GPU"):
         trainer_mod.compile_options({"cuda_graphs": True}, "cuda", True)
-    with pytest.raises(ConfigError, match="train.cuda_graphs must be true or false"):
+    with pytest.raises(ConfigError, match="train.cuda_graphs must be true, false or auto"):
         trainer_mod.compile_options({"cuda_graphs": 1}, "cuda", False)
     assert trainer_mod.compile_options({"cuda_graphs": True}, "cuda", False) == (True, True)
     assert trainer_mod.compile_options({}, "cpu", False) == (False, False)
+    # auto: on for one CUDA process with Triton, quietly off everywhere else
+    monkeypatch.setattr("vm_unet.kernels.backend._TRITON_AVAILABLE", True)
+    auto = {"cuda_graphs": "auto"}
+    assert trainer_mod.compile_options(auto, "cuda", False) == (True, True)
+    assert trainer_mod.compile_options(auto, "cpu", False) == (False, False)
+    assert trainer_mod.compile_options(auto, "cuda", True) == (False, False)
+    assert trainer_mod.compile_options({**auto, "compile": True}, "cuda", True) == (True, False)
+    assert trainer_mod.compile_options({**auto, "grad_checkpointing": True}, "cuda", False) == (False, False)
+    monkeypatch.setattr("vm_unet.kernels.backend._TRITON_AVAILABLE", False)
+    assert trainer_mod.compile_options(auto, "cuda", False) == (False, False)
+    # the long-run configs ask for auto, which a CPU run takes as off
+    assert load_config("isic")["train"]["cuda_graphs"] == "auto"
+    cfg = tiny_cfg(tmp_path / "auto", epochs=1, max_steps=1, cuda_graphs="auto")
+    assert train(cfg).is_dir()
 
 
 @pytest.mark.gpu

@@ -58,6 +58,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return x.to(t.device)
 
 
+def any_rank_(flag: torch.Tensor) -> torch.Tensor:
+    """In place: true on every rank where it is true on any (a device tensor; queued, the host does not wait)."""
+    if is_dist():
+        as_int = flag.to(torch.int32)
+        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+        flag.copy_(as_int.bool())
+    return flag
+
+
 def all_gather_objects(obj) -> list:
     """List of ``obj`` from every rank (rank order)."""
     if not is_dist():

@@ -158,8 +158,19 @@ def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
     Compiling keeps the graph whole (the scan kernels are custom ops), so inductor fuses the norms, gates and casts
     around them (BENCHMARKS.md); CUDA graphs also replay forward and backward without per-kernel launch cost (the
     last, shorter batch of an epoch gets a graph of its own). Validation, EMA and checkpoints keep using the plain
-    module, which shares the parameters."""
-    compiled, graphs = _switch(tc, "compile"), _switch(tc, "cuda_graphs")
+    module, which shares the parameters.
+
+    ``cuda_graphs: auto`` (the long-run configs) turns them on where they can run: one CUDA process with Triton and
+    no gradient checkpointing. An eager step is bound by the host's kernel launches: on an H200, ``isic`` trained at
+    250-310 img/s eager, 250 compiled without graphs and 578 with them, after a minute or two of compiling
+    (BENCHMARKS.md), which a run of a few thousand steps repays."""
+    compiled, graphs = _switch(tc, "compile"), tc.get("cuda_graphs", False)
+    if graphs == "auto":
+        from vm_unet.kernels.backend import triton_available
+
+        graphs = device == "cuda" and not ddp and triton_available() and not tc.get("grad_checkpointing")
+    elif not isinstance(graphs, bool):
+        raise ConfigError(f"train.cuda_graphs must be true, false or auto, got {graphs!r}")
     if graphs and device != "cuda":
         raise ConfigError(f"train.cuda_graphs needs a CUDA device (device is {device})")
     if graphs and ddp:
@@ -337,6 +348,10 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
         wrote_ckpt = True
 
     loader = train_loader(data.train, train_sampler, bs, nw, device, seed)
+    # fused AdamW without a GradScaler (bf16, fp32) on a GPU: non-finite losses are checked a step late, without
+    # stopping the host (see _LateCheck)
+    late = _LateCheck() if device == "cuda" and opt.defaults.get("fused") and not scaler.is_enabled() else None
+    shown_loss = float("nan")
     try:
         epoch = start_epoch
         while epoch < epochs and global_step < total_steps:
@@ -352,48 +367,63 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                 x = to_input(batch["image"].to(dev, non_blocking=True))
                 y = batch["mask"].to(dev, non_blocking=True).long()
                 if cuda_graphs:
-                    # a new step for the graphs' memory: also right after a skipped (NaN) batch left its backward
-                    # pending, which the automatic step detection would misread
+                    # a new step for the graphs' memory: also right after a skipped (NaN) batch left its forward's
+                    # backward unrun, which the automatic step detection would misread
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device_type=device, dtype=adt or torch.float32, enabled=adt is not None):
                     logits = net(x)
                 loss = loss_fn(logits, y)
-                finite = torch.isfinite(loss.detach())
-                if ddp:  # every rank must take the same branch, or DDP hangs
-                    finite = D.all_reduce_sum((~finite).double().cpu()) == 0
-                if not bool(finite):
-                    if tc.get("nan_policy", "stop") == "skip":
-                        nan_skipped += 1
-                        batch_in_epoch += 1  # the batch was consumed: keeps epoch accounting and resume right
-                        opt.zero_grad(set_to_none=True)
-                        if main:
-                            print(f"warning: non-finite loss at step {global_step + 1} (batch {batch['name'][:3]}...),"
-                                  f" batch skipped ({nan_skipped} so far)", file=sys.stderr, flush=True)
-                        if nan_skipped > max(10, steps_per_epoch // 2):
-                            raise TrainingError(f"loss was NaN/Inf on {nan_skipped} batches; stopping (lower "
-                                                "train.lr, use train.amp=bf16 or off, check inputs)")
-                        continue
-                    raise TrainingError(f"loss became NaN/Inf at epoch {epoch + 1}, step {global_step + 1} (batch "
-                                        f"{', '.join(batch['name'][:3])}); lower train.lr, use train.amp=bf16 or off,"
-                                        " or set train.nan_policy=skip")
+                bad = ~torch.isfinite(loss.detach())
+                step = (epoch + 1, global_step + 1, batch["name"][:3], x.shape[0])
+                if late is not None:
+                    # the host does not wait for the loss: a bad batch's update is dropped on the device (the fused
+                    # AdamW step reads found_inf, as under a GradScaler), and the host learns of it a step later
+                    if ddp:
+                        D.any_rank_(bad)
+                    opt.found_inf = bad.float()
+                    update = True
+                else:
+                    if ddp:  # every rank must take the same branch, or DDP hangs
+                        bad = D.all_reduce_sum(bad.double().cpu()) > 0
+                    update = not bool(bad)
+                    if not update:
+                        nan_skipped = _bad_batch(step, tc, nan_skipped, steps_per_epoch, main)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if tc.get("grad_clip"):
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
-                scaler.step(opt)
-                scaler.update()
+                if update:
+                    scaler.scale(loss).backward()
+                    if tc.get("grad_clip"):
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+                    scaler.step(opt)
+                    scaler.update()
+                # a skipped batch leaves the weights as they were, and still counts as a step of the schedule
                 sched.step()
                 if ema is not None:
                     ema.update(model)
                 global_step += 1
                 batch_in_epoch += 1
-                run_loss += loss.detach().double() * x.shape[0]
-                run_n += x.shape[0]
+                if late is not None:
+                    run_loss += torch.where(bad, 0.0, loss.detach().double()) * x.shape[0]
+                    run_n += x.shape[0]
+                    earlier = late.put(bad, loss, step)
+                    if earlier is not None:
+                        shown_loss = earlier[1]
+                        if earlier[0]:
+                            nan_skipped = _bad_batch(earlier[2], tc, nan_skipped, steps_per_epoch, main)
+                            run_n -= earlier[2][3]
+                elif update:
+                    run_loss += loss.detach().double() * x.shape[0]
+                    run_n += x.shape[0]
+                    shown_loss = loss
                 if main and hasattr(bar, "set_postfix") and (global_step % log_every == 0 or batch_in_epoch == 1):
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                    bar.set_postfix(loss=f"{float(shown_loss):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 if global_step >= total_steps:
                     break
+            if late is not None:
+                earlier = late.take()
+                if earlier is not None and earlier[0]:
+                    nan_skipped = _bad_batch(earlier[2], tc, nan_skipped, steps_per_epoch, main)
+                    run_n -= earlier[2][3]
             epoch_complete = batch_in_epoch >= steps_per_epoch
             stats = D.all_reduce_sum(torch.stack([run_loss.cpu(), torch.tensor(float(run_n), dtype=torch.float64)]))
             t_val = time.perf_counter()
@@ -446,6 +476,52 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
 
 def _prim(d):
     return json.loads(json.dumps(d))
+
+
+def _bad_batch(step: tuple, tc: dict, skipped: int, steps_per_epoch: int, main: bool) -> int:
+    """A batch whose loss was NaN/Inf (``step``: epoch, step, names, size): the run stops (``nan_policy: stop``)
+    or counts it as skipped, and stops when too many were. Returns the new count."""
+    epoch, n_step, names = step[:3]
+    if tc.get("nan_policy", "stop") != "skip":
+        raise TrainingError(f"loss became NaN/Inf at epoch {epoch}, step {n_step} (batch {', '.join(names)}); lower "
+                            "train.lr, use train.amp=bf16 or off, or set train.nan_policy=skip")
+    skipped += 1
+    if main:
+        print(f"warning: non-finite loss at step {n_step} (batch {names}...), batch skipped ({skipped} so far)",
+              file=sys.stderr, flush=True)
+    if skipped > max(10, steps_per_epoch // 2):
+        raise TrainingError(f"loss was NaN/Inf on {skipped} batches; stopping (lower train.lr, use train.amp=bf16 "
+                            "or off, check inputs)")
+    return skipped
+
+
+class _LateCheck:
+    """A step's non-finite flag and loss, for the host one step later. They are copied into pinned memory behind
+    the step's loss, and read once the next step is queued, when the copy has long arrived: the host never waits
+    for the GPU mid-step (a check right after the forward held the host until the forward had run, leaving the GPU
+    idle while the backward was launched)."""
+
+    def __init__(self):
+        self.buffers = [torch.empty(2, pin_memory=True) for _ in range(2)]
+        self.turn, self.pending = 0, None
+
+    def put(self, bad: torch.Tensor, loss: torch.Tensor, step: tuple):
+        """Queue this step's copy; returns the previous step's (bad, loss, step), or None."""
+        buf = self.buffers[self.turn]
+        self.turn ^= 1
+        buf.copy_(torch.stack([bad.float(), loss.detach().float()]), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        earlier, self.pending = self.take(), (buf, done, step)
+        return earlier
+
+    def take(self):
+        if self.pending is None:
+            return None
+        buf, done, step = self.pending
+        self.pending = None
+        done.synchronize()
+        return bool(buf[0]), float(buf[1]), step
 
 
 class _WaitTimer:
