@@ -5,5 +5,5 @@ from .intensity import normalize_intensity
 from .synthetic import SyntheticLesions, make_lesion
 from .transforms import DeviceNormalize
 
-__all__ = ["DataBundle", "DeviceNormalize", "SegDataset", "SyntheticLesions", "build_datasets", "collate", "find_pairs", "make_lesion",
-           "normalize_intensity", "seeded_split"]
+__all__ = ["DataBundle", "DeviceNormalize", "SegDataset", "SyntheticLesions", "build_datasets", "collate",
+           "find_pairs", "make_lesion", "normalize_intensity", "seeded_split"]

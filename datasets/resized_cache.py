@@ -1,7 +1,7 @@
 """Training-size copies of picture folders, kept on disk so that only the first epoch decodes the originals.
 
 Dermoscopy photographs come at full camera resolution (ISIC 2018: up to 6688x4439 JPEGs). Decoding one, checking
-its mask and resizing both takes a core about 0.1-0.2 s, so four loader workers feed a few dozen images a second,
+its mask and resizing both takes a core 0.1-0.4 s, so four loader workers feed a few dozen images a second,
 whatever the GPU. Training only ever sees them resized to ``data.image_size`` (the first op of
 ``PictureTransform``), so the resized pair is stored once, as two ``.npy`` files read back in well under a
 millisecond. What training sees does not change: the transform's resize leaves a pair of its own size untouched

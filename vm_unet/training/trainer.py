@@ -162,7 +162,7 @@ def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
 
     ``cuda_graphs: auto`` (the long-run configs) turns them on where they can run: one CUDA process with Triton and
     no gradient checkpointing. An eager step is bound by the host's kernel launches: on an H200, ``isic`` trained at
-    250-310 img/s eager, 250 compiled without graphs and 578 with them, after a minute or two of compiling
+    about 300 img/s eager, 250 compiled without graphs and 618 with them, after a minute or two of compiling
     (BENCHMARKS.md), which a run of a few thousand steps repays."""
     compiled, graphs = _switch(tc, "compile"), tc.get("cuda_graphs", False)
     if graphs == "auto":
@@ -496,10 +496,10 @@ def _bad_batch(step: tuple, tc: dict, skipped: int, steps_per_epoch: int, main: 
 
 
 class _LateCheck:
-    """A step's non-finite flag and loss, for the host one step later. They are copied into pinned memory behind
-    the step's loss, and read once the next step is queued, when the copy has long arrived: the host never waits
-    for the GPU mid-step (a check right after the forward held the host until the forward had run, leaving the GPU
-    idle while the backward was launched)."""
+    """A step's non-finite flag and loss, for the host one step later. They are copied into pinned memory once the
+    step is queued, and read once the next one is, when the copy has long arrived: the host never waits for the GPU
+    mid-step (a check right after the forward held the host until the forward had run, leaving the GPU idle while
+    the backward was launched)."""
 
     def __init__(self):
         self.buffers = [torch.empty(2, pin_memory=True) for _ in range(2)]
