@@ -1,8 +1,12 @@
-"""The model benchmark's library parts on CPU: a measured row, the table, and the plot (speed itself is never a
+"""The benchmarks on CPU: a measured model row, the table, the plot, the data loader timing (speed itself is never a
 test; the numbers live in BENCHMARKS.md)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
@@ -173,3 +177,21 @@ def test_committed_benchmark_results_load():
         info, rows = load_results(f)
         assert info["device"] and info["date"] and info["source"] and rows, f
         assert f.with_suffix(".png").exists(), f
+
+
+def test_bench_data_times_the_training_loader(tmp_path, monkeypatch, capsys):
+    """``scripts/bench_data.py`` runs the trainer's loader: epoch 1 stores the resized copies, epoch 2 reads them;
+    a bad data folder is a one-line error."""
+    from test_data import make_pairs
+
+    repo = Path(__file__).resolve().parents[1]
+    root = make_pairs(tmp_path / "d", n=10, size=(90, 70))
+    cmd = [sys.executable, str(repo / "scripts" / "bench_data.py"), "--config", "isic", "--data-root", str(root),
+           "--device", "cpu", "--epochs", "2", "--batch-size", "4", "--image-size", "32"]
+    r = subprocess.run(cmd + ["--set", "data.num_workers=1"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "VMUNET_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 2 and "(0 of 8 stored before)" in lines[0] and "(8 of 8 stored before)" in lines[1], r.stdout
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / "missing")] + cmd[6:], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
