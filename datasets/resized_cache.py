@@ -42,12 +42,13 @@ class ResizedPairs:
     albumentations takes them), from ``cache_dir`` when an entry exists and stored there when not."""
 
     def __init__(self, source: FolderPairs, image_size, cache_dir: str | os.PathLike | None = None):
+        self.source, self.size = source, tuple(int(v) for v in image_size)
+        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # first: resize_op imports albumentations with its PyPI version check turned off
+        self._resize = resize_op(self.size)
         import albumentations
         import cv2
 
-        self.source, self.size = source, tuple(int(v) for v in image_size)
-        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self._resize = resize_op(self.size)
         self._params = [CACHE_FORMAT, self.size, source.in_chans, source.num_classes, source.mask_threshold,
                         source.label_map, albumentations.__version__, cv2.__version__]
         self._store_failed = False

@@ -255,7 +255,7 @@ def measure_loader(cfg: dict, epochs: int = 2, max_samples: int | None = None, p
     img/s, and how many of the samples had a stored copy when the epoch began (None without the cache)."""
     from vm_unet.datasets import build_datasets
     from vm_unet.training.sampling import TrainSampler
-    from vm_unet.training.trainer import _bar, resolve_device, train_loader
+    from vm_unet.training.trainer import progress_bar, resolve_device, train_loader
 
     data = build_datasets(cfg, splits=("train",), for_training=True)
     n = len(data.train) if max_samples is None else min(int(max_samples), len(data.train))
@@ -268,7 +268,7 @@ def measure_loader(cfg: dict, epochs: int = 2, max_samples: int | None = None, p
         stored = sum(source.cached(i) for i in range(n)) if hasattr(source, "cached") else None
         sampler.set_epoch(epoch)
         t = time.perf_counter()
-        for _ in _bar(loader, progress, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
+        for _ in progress_bar(loader, progress, f"epoch {epoch + 1}/{epochs}", total=len(loader)):
             pass
         dt = time.perf_counter() - t
         rows.append({"epoch": epoch + 1, "samples": n, "seconds": dt, "img_s": n / dt, "stored_before": stored})

@@ -352,6 +352,15 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     # stopping the host (see _LateCheck)
     late = _LateCheck() if device == "cuda" and opt.defaults.get("fused") and not scaler.is_enabled() else None
     shown_loss = float("nan")
+
+    def settle(earlier):
+        """A late-checked step (bad, loss, step) or None: a bad one is counted or stops the run, and its samples
+        leave the epoch's mean loss."""
+        nonlocal nan_skipped, run_n
+        if earlier is not None and earlier[0]:
+            nan_skipped = _bad_batch(earlier[2], tc, nan_skipped, steps_per_epoch, main)
+            run_n -= earlier[2][3]
+
     try:
         epoch = start_epoch
         while epoch < epochs and global_step < total_steps:
@@ -360,7 +369,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
             t_epoch = time.perf_counter()
             # on the device: a .cpu() per step would synchronise the GPU every step
             run_loss, run_n = torch.zeros((), dtype=torch.float64, device=dev), 0
-            batches = _WaitTimer(_bar(loader, main, f"epoch {epoch + 1}/{epochs}", initial=batch_in_epoch,
+            batches = _WaitTimer(progress_bar(loader, main, f"epoch {epoch + 1}/{epochs}", initial=batch_in_epoch,
                                       total=steps_per_epoch))
             bar = batches.it
             for batch in batches:
@@ -408,9 +417,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                     earlier = late.put(bad, loss, step)
                     if earlier is not None:
                         shown_loss = earlier[1]
-                        if earlier[0]:
-                            nan_skipped = _bad_batch(earlier[2], tc, nan_skipped, steps_per_epoch, main)
-                            run_n -= earlier[2][3]
+                        settle(earlier)
                 elif update:
                     run_loss += loss.detach().double() * x.shape[0]
                     run_n += x.shape[0]
@@ -420,10 +427,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                 if global_step >= total_steps:
                     break
             if late is not None:
-                earlier = late.take()
-                if earlier is not None and earlier[0]:
-                    nan_skipped = _bad_batch(earlier[2], tc, nan_skipped, steps_per_epoch, main)
-                    run_n -= earlier[2][3]
+                settle(late.take())
             epoch_complete = batch_in_epoch >= steps_per_epoch
             stats = D.all_reduce_sum(torch.stack([run_loss.cpu(), torch.tensor(float(run_n), dtype=torch.float64)]))
             t_val = time.perf_counter()
@@ -544,7 +548,7 @@ class _WaitTimer:
             yield item
 
 
-def _bar(it, main, desc, initial=0, total=None):
+def progress_bar(it, main, desc, initial=0, total=None):
     if not main:
         return it
     try:
