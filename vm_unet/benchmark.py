@@ -215,13 +215,12 @@ def plot_results(results: list[Result], path: Path, title: str | None = None) ->
     the run measured are drawn (``--no-train`` / ``--no-infer`` leave theirs empty)."""
     from matplotlib.ticker import NullLocator  # noqa: PLC0415 (matplotlib only when plotting)
 
-    from vm_unet.training.viz import _atomic_savefig, _plt  # noqa: PLC0415
+    from vm_unet.training.viz import _atomic_savefig, new_figure  # noqa: PLC0415
 
     panels = {k: t for k, t in PLOT_PANELS.items() if any(getattr(r, k) is not None for r in results)}
     if not panels:
         return
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = new_figure(1, len(panels), (5 * len(panels), 4))
     axes = axes[0]
     for model in dict.fromkeys(r.model for r in results):
         rs = [r for r in results if r.model == model]
@@ -245,7 +244,6 @@ def plot_results(results: list[Result], path: Path, title: str | None = None) ->
         fig.suptitle(title)
     fig.tight_layout()
     _atomic_savefig(fig, Path(path))
-    plt.close(fig)
 
 
 def measure_loader(cfg: dict, epochs: int = 2, max_samples: int | None = None, progress: bool = True) -> list[dict]:

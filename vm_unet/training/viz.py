@@ -1,4 +1,7 @@
-"""Training curves and prediction overlays (matplotlib Agg: works headless)."""
+"""Training curves and prediction overlays as PNG.
+
+Figures are built with matplotlib's object API (``Figure``, no pyplot): no global figure registry and no GUI backend,
+so they draw headless and from the trainer's background writer thread alike."""
 
 from __future__ import annotations
 
@@ -11,13 +14,12 @@ COLOURS = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 60], [60, 120, 255], [25
                     [0, 220, 220], [255, 128, 0]], dtype=np.float64)
 
 
-def _plt():
-    import matplotlib
+def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]):
+    """(figure, 2-D array of axes) drawn with the Agg renderer, nothing registered with pyplot."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _atomic_savefig(fig, path: Path):
@@ -27,9 +29,9 @@ def _atomic_savefig(fig, path: Path):
 
 
 def plot_curves(history: list[dict], path) -> None:
-    plt = _plt()
     ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = new_figure(1, 2, (10, 3.5))
+    ax = axes[0]
     ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
     if any(h.get("val_loss") is not None for h in history):
         ax[0].plot(ep, [h.get("val_loss") for h in history], "o-", label="val loss")
@@ -38,7 +40,6 @@ def plot_curves(history: list[dict], path) -> None:
         ax[1].plot(ep, [h.get(k) for h in history], "o-", label=k)
     ax[1].set_xlabel("epoch"), ax[1].set_ylim(0, 1), ax[1].legend(), ax[1].set_title("validation")
     _atomic_savefig(fig, Path(path))
-    plt.close(fig)
 
 
 def denormalize(img: np.ndarray, preprocessing: dict) -> np.ndarray:
@@ -63,8 +64,7 @@ def save_overlays(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], p
     """items: (name, image HxWx3 in [0,1], ground truth HxW, prediction HxW). Rows: image | truth | prediction."""
     if not items:
         return
-    plt = _plt()
-    fig, axes = plt.subplots(len(items), 3, figsize=(7.5, 2.5 * len(items)), squeeze=False)
+    fig, axes = new_figure(len(items), 3, (7.5, 2.5 * len(items)))
     for r, (name, img, gt, pred) in enumerate(items):
         for c, (im, t) in enumerate(((img, name), (overlay(img, gt), "truth"), (overlay(img, pred), "prediction"))):
             axes[r, c].imshow(im)
@@ -74,4 +74,3 @@ def save_overlays(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], p
         fig.suptitle(title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     _atomic_savefig(fig, Path(path))
-    plt.close(fig)
