@@ -45,6 +45,8 @@ from vm_unet.errors import UserError
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "checkpoint_payload",
+    "write_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
     "build_model_from_meta",
@@ -114,8 +116,7 @@ def _clean_state_dict(model_or_sd) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(
-    path,
+def checkpoint_payload(
     model: nn.Module | dict,
     *,
     model_name: str,
@@ -124,31 +125,35 @@ def save_checkpoint(
     class_names: list[str],
     extra: dict | None = None,
     training_state: dict | None = None,
-) -> Path:
-    """Write a checkpoint atomically (temp file in the same directory, then ``os.replace``).
+) -> dict:
+    """The checkpoint dict, every tensor a CPU copy: a snapshot that training may go on changing the model after,
+    e.g. while ``write_checkpoint`` runs on another thread.
 
     ``model`` may be a module (DDP/compiled wrappers are fine) or a state dict. ``model_kwargs`` must include
-    ``in_chans`` and ``num_classes``. A crash mid-write never leaves a truncated file at ``path``."""
-    path = Path(path)
+    ``in_chans`` and ``num_classes``."""
     model_kwargs = dict(model_kwargs)
     if "in_chans" not in model_kwargs or "num_classes" not in model_kwargs:
         raise ValueError("model_kwargs must include in_chans and num_classes")
     num_classes = int(model_kwargs["num_classes"])
-    task = "binary" if num_classes == 1 else "multiclass"
-    class_names = [str(c) for c in class_names]
-    payload = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": package_version(),
         "model_name": str(model_name),
         "model_kwargs": _primitive(model_kwargs, "model_kwargs"),
-        "task": task,
-        "class_names": class_names,
+        "task": "binary" if num_classes == 1 else "multiclass",
+        "class_names": [str(c) for c in class_names],
         "preprocessing": _primitive(dict(preprocessing), "preprocessing"),
         "state_dict": _clean_state_dict(model),
         "extra": _primitive(dict(extra or {}), "extra"),
         "training_state": _primitive(training_state, "training_state") if training_state is not None else None,
     }
+
+
+def write_checkpoint(path, payload: dict) -> Path:
+    """Write a ``checkpoint_payload`` atomically (temp file in the same directory, flushed to disk, then
+    ``os.replace``): a crash mid-write never leaves a truncated file at ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -164,6 +169,23 @@ def save_checkpoint(
             pass
         raise
     return path
+
+
+def save_checkpoint(
+    path,
+    model: nn.Module | dict,
+    *,
+    model_name: str,
+    model_kwargs: dict,
+    preprocessing: dict,
+    class_names: list[str],
+    extra: dict | None = None,
+    training_state: dict | None = None,
+) -> Path:
+    """Snapshot and write a checkpoint atomically (``checkpoint_payload``, then ``write_checkpoint``)."""
+    return write_checkpoint(path, checkpoint_payload(
+        model, model_name=model_name, model_kwargs=model_kwargs, preprocessing=preprocessing,
+        class_names=class_names, extra=extra, training_state=training_state))
 
 
 def read_checkpoint(path) -> dict:
