@@ -90,13 +90,44 @@ def test_resume_is_exact(tmp_path, full_run):
     assert ha == hb
 
 
-def test_loader_workers_give_the_same_run(tmp_path, full_run):
-    # the run's worker processes outlive an epoch (persistent): each epoch must still get its own order and seeds
-    cfg = tiny_cfg(tmp_path, ema=0.9)
+def test_worker_processes_give_the_same_run(tmp_path, full_run):
+    # the run's loader workers outlive an epoch (persistent): each epoch must still get its own order and seeds;
+    # HD95 computed in worker processes must land in the same rows
+    cfg = tiny_cfg(tmp_path, ema=0.9, metric_workers=1)
     cfg["data"]["num_workers"] = 2
-    a, b = read_checkpoint(full_run / "last.pt"), read_checkpoint(train(cfg) / "last.pt")
+    run = train(cfg)
+    a, b = read_checkpoint(full_run / "last.pt"), read_checkpoint(run / "last.pt")
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    ha = json.loads((full_run / "metrics.json").read_text())["history"]
+    hb = json.loads((run / "metrics.json").read_text())["history"]
+    assert ha == hb and all(h["val_mean_hd95"] is not None for h in hb)
+
+
+def test_metric_workers_option():
+    from vm_unet.errors import ConfigError
+    from vm_unet.training.trainer import metric_workers
+
+    assert metric_workers({"metric_workers": "auto"}, "cpu") == 0
+    assert 0 <= metric_workers({"metric_workers": "auto"}, "cuda") <= 8
+    assert metric_workers({"metric_workers": 3}, "cpu") == 3
+    assert metric_workers({"metric_workers": 3, "hd95": False}, "cuda") == 0
+    for bad in (-1, 1.5, "two", True):
+        with pytest.raises(ConfigError, match="train.metric_workers"):
+            metric_workers({"metric_workers": bad}, "cuda")
+
+
+def test_failed_checkpoint_write_is_reported_and_leaves_no_run(tmp_path, monkeypatch):
+    # checkpoints are written on a background thread: its error must still end the run, and a run whose first
+    # checkpoint never landed leaves no folder behind
+    from vm_unet.training import trainer
+
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(trainer, "write_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_cfg(tmp_path, epochs=1))
+    assert not any(tmp_path.iterdir())
 
 
 def test_sampler_skip_resumes_mid_epoch():
@@ -178,6 +209,22 @@ def test_cli_bad_inputs_one_line_no_traceback(tmp_path, capsys):
     # and as a real process: exit code 2, one line, no traceback
     r = _cli("scripts/evaluate.py", "--checkpoint", str(tmp_path / "bad.pt"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_full_disk_or_forbidden_folder_is_one_line(capsys):
+    import errno
+
+    from vm_unet.training.cli import run_cli
+
+    def full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt")
+    assert run_cli(full_disk) == 2
+    assert capsys.readouterr().err.strip() == "error: runs/x/last.pt: No space left on device"
+
+    def bug(argv):   # other OS errors are not the user's to fix: the traceback stays
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    with pytest.raises(OSError):
+        run_cli(bug)
 
 
 def test_cli_nan_loss_stops_clearly(tmp_path):

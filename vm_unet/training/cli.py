@@ -4,6 +4,7 @@ one-line error handling for :class:`vm_unet.errors.UserError`."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from vm_unet.errors import UserError
@@ -20,12 +21,21 @@ def one_line(e: BaseException) -> str:
     return msg
 
 
+# the disk or folder the user pointed us at, not a bug: a full disk, a read-only or forbidden output folder
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def run_cli(fn, argv=None) -> int:
     try:
         fn(argv)
         return 0
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from vm_unet.checkpoint import load_checkpoint
 from vm_unet.errors import ConfigError, DataError
 
-from .metrics import SegMetrics, finite_or_none, predict_labels
+from .metrics import SegMetrics, default_metric_workers, finite_or_none, hd95_pool, predict_labels
 from .viz import save_overlays
 
 
@@ -68,14 +68,44 @@ def evaluate_checkpoint(checkpoint, data_root=None, config=None, out=None, devic
     if ds is None or len(ds) == 0:
         raise DataError(f"{data_root}: nothing to evaluate")
     nc = int(meta["model_kwargs"]["num_classes"])
-    metrics = SegMetrics(nc, meta["class_names"])
-    thr = float(meta["preprocessing"].get("threshold", 0.5))
+    volumes = meta["preprocessing"].get("input") == "volume_slices"
+    # HD95 in worker processes beside the GPU's forward passes (3-D volumes take seconds each)
+    pool = hd95_pool(default_metric_workers(device))
+    try:
+        metrics = SegMetrics(nc, meta["class_names"], pool=pool)
+        ov = _predict_and_score(model, meta, ds, metrics, device, overlays, volumes)
+        scores = metrics.summary()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    summary = {"checkpoint": str(checkpoint), "data_root": str(cfg["data"].get("root")), "model": meta["model_name"],
+               "task": meta["task"], "resolution": "original (predictions resized to each ground truth)",
+               "unit": "volume (3-D metrics per case)" if volumes else "image",
+               **finite_or_none(scores)}
+    out = Path(out) if out else Path(checkpoint).parent / f"eval-{Path(str(cfg['data'].get('root') or 'synthetic')).name}"
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in metrics.rows for k in r))
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(metrics.rows)
+    for name, text in (("per_case.csv", buf.getvalue()), ("summary.json", json.dumps(summary, indent=1))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    for k in range(0, len(ov), 4):
+        save_overlays(ov[k:k + 4], out / "overlays" / f"overlay_{k // 4:03d}.png")
+    summary["out"] = str(out)
+    return summary
+
+
+def _predict_and_score(model, meta: dict, ds, metrics: SegMetrics, device, overlays: int, volumes: bool) -> list:
+    """Predict every item of ``ds`` at its original resolution and add it to ``metrics`` (per volume when
+    ``volumes``: volume slices); returns up to ``overlays`` overlay items."""
     from tqdm.auto import tqdm
 
-    from .viz import denormalize
-
+    thr = float(meta["preprocessing"].get("threshold", 0.5))
     ov = []
-    volumes = meta["preprocessing"].get("input") == "volume_slices"
     src = ds.source
     if volumes:
         # per case = per volume: slice predictions are stacked back into the volume and scored in 3-D
@@ -120,22 +150,4 @@ def evaluate_checkpoint(checkpoint, data_root=None, config=None, out=None, devic
             if disp.shape[-1] != 3:
                 disp = disp[..., :1].repeat(3, -1)
             ov.append((name, disp, mask, pred[0].numpy()))
-    summary = {"checkpoint": str(checkpoint), "data_root": str(cfg["data"].get("root")), "model": meta["model_name"],
-               "task": meta["task"], "resolution": "original (predictions resized to each ground truth)",
-               "unit": "volume (3-D metrics per case)" if volumes else "image",
-               **finite_or_none(metrics.summary())}
-    out = Path(out) if out else Path(checkpoint).parent / f"eval-{Path(str(cfg['data'].get('root') or 'synthetic')).name}"
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for r in metrics.rows for k in r))
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(metrics.rows)
-    for name, text in (("per_case.csv", buf.getvalue()), ("summary.json", json.dumps(summary, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-    for k in range(0, len(ov), 4):
-        save_overlays(ov[k:k + 4], out / "overlays" / f"overlay_{k // 4:03d}.png")
-    summary["out"] = str(out)
-    return summary
+    return ov

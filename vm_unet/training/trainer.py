@@ -25,12 +25,13 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from vm_unet.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from vm_unet.checkpoint import CheckpointError, checkpoint_payload, read_checkpoint, write_checkpoint
 from vm_unet.errors import ConfigError, TrainingError, UserError
 
 from . import distributed as D
+from .background import BackgroundWriter
 from .losses import SegLoss
-from .metrics import SegMetrics, finite_or_none, predict_labels
+from .metrics import SegMetrics, default_metric_workers, finite_or_none, hd95_pool, predict_labels
 from .sampling import ShardSampler, TrainSampler
 from .viz import denormalize, plot_curves, save_overlays
 
@@ -178,6 +179,19 @@ def compile_options(tc: dict, device: str, ddp: bool) -> tuple[bool, bool]:
     return compiled or graphs, graphs
 
 
+def metric_workers(tc: dict, device: str) -> int:
+    """``train.metric_workers``, checked: how many processes compute validation HD95 (0: in this process; ``auto``:
+    ``metrics.default_metric_workers``). On an H200 host, HD95 in the training process was most of validation."""
+    value = tc.get("metric_workers", "auto")
+    if not tc.get("hd95", True):
+        return 0
+    if value == "auto":
+        return default_metric_workers(device)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"train.metric_workers must be auto or a whole number >= 0, got {value!r}")
+    return value
+
+
 def _switch(tc: dict, key: str) -> bool:
     """A true/false ``train`` option (default false), checked."""
     value = tc.get(key, False)
@@ -236,6 +250,7 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     # (high-resolution training in less memory; BENCHMARKS.md has the trade)
     set_grad_checkpointing(model, _switch(tc, "grad_checkpointing"))
     compiled, cuda_graphs = compile_options(tc, device, ddp)
+    n_metric_workers = metric_workers(tc, device)
     model.to(dev)
 
     bs = int(tc["batch_size"])
@@ -313,7 +328,6 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
         _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved_cfg, sort_keys=False))
         if data.split:
             _atomic_write_text(run_dir / "split.json", json.dumps(data.split, indent=1))
-    wrote_ckpt = ckpt_state is not None
 
     meta = dict(model_name=mc["name"], model_kwargs=model_kwargs, preprocessing=data.preprocessing,
                 class_names=data.class_names)
@@ -321,16 +335,19 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
     val_loader = DataLoader(data.val, batch_size=int(tc.get("val_batch_size") or bs), collate_fn=collate,
                             sampler=ShardSampler(len(data.val), rank, world), num_workers=nw,
                             persistent_workers=nw > 0)
-    metrics = SegMetrics(num_classes, data.class_names, hd95=bool(tc.get("hd95", True)))
+    pool = hd95_pool(n_metric_workers)
+    metrics = SegMetrics(num_classes, data.class_names, hd95=bool(tc.get("hd95", True)), pool=pool)
+    # checkpoints, history and PNGs are written in the background, one epoch's at a time (see background.py)
+    writer = BackgroundWriter() if main else None
     threshold = float(data.preprocessing.get("threshold", 0.5))
     to_input = DeviceNormalize(data.preprocessing, dev)
     log_every = int(tc.get("log_every", 10))
 
     def save(kind: str, epoch_done: int, batch_done: int, val_summary: dict | None):
-        nonlocal wrote_ckpt
         rngs = D.all_gather_objects(_rng_state())  # every rank's RNG, so DDP resumes exactly too
         if not main:
             return
+        writer.wait()   # the last epoch's files: one epoch's snapshot in memory at a time
         ts = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
               "epoch": epoch_done, "batch_in_epoch": batch_done, "global_step": global_step,
               "best_metric": best, "best_epoch": best_epoch, "history": history, "rng": rngs,
@@ -340,12 +357,13 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
         weights = ema.shadow if ema is not None else model
         extra = {"config": cfg, "epoch": epoch_done, "global_step": global_step, "val": val_summary or {},
                  "ema": bool(ema)}
-        save_checkpoint(run_dir / "last.pt", weights, **meta, extra=extra, training_state=ts)
+        payload = checkpoint_payload(weights, **meta, extra=extra, training_state=ts)   # CPU copies, taken now
+        writer.submit(write_checkpoint, run_dir / "last.pt", payload)
+        weights_only = dict(payload, training_state=None)
         if kind == "best":
-            save_checkpoint(run_dir / "best.pt", weights, **meta, extra=extra)
+            writer.submit(write_checkpoint, run_dir / "best.pt", weights_only)
         if tc.get("keep_epoch_checkpoints"):
-            save_checkpoint(run_dir / f"epoch_{epoch_done:04d}.pt", weights, **meta, extra=extra)
-        wrote_ckpt = True
+            writer.submit(write_checkpoint, run_dir / f"epoch_{epoch_done:04d}.pt", weights_only)
 
     loader = train_loader(data.train, train_sampler, bs, nw, device, seed)
     # fused AdamW without a GradScaler (bf16, fp32) on a GPU: non-finite losses are checked a step late, without
@@ -451,8 +469,8 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
             t_save = time.perf_counter()
             save("best" if improved else "last", done_epoch, done_batch, finite_or_none(row))
             if main:
-                _write_history(run_dir, history, best, best_epoch)
-                save_overlays(overlays, run_dir / "overlays" / f"epoch_{epoch + 1:04d}.png",
+                writer.submit(_write_history, run_dir, list(history), best, best_epoch)
+                writer.submit(save_overlays, overlays, run_dir / "overlays" / f"epoch_{epoch + 1:04d}.png",
                               f"epoch {epoch + 1}  val Dice {row['val_mean_dice']:.3f}")
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}  "
                       f"val Dice {row['val_mean_dice']:.4f} (pooled DSC {row['val_pooled_dsc']:.4f}, "
@@ -468,11 +486,21 @@ def train(cfg: dict, resume: str | os.PathLike | None = None, callbacks: dict | 
                 epoch, batch_in_epoch = epoch + 1, 0
             else:
                 break
+        if writer is not None:
+            writer.wait()
     except BaseException:
+        if writer is not None:
+            try:   # what was queued before the failure still lands (each file whole or not at all)
+                writer.wait()
+            except BaseException:  # noqa: BLE001 (the error being raised is the one to report)
+                pass
         # nothing half-written: a run that fails before its first checkpoint leaves no folder behind
-        if main and not wrote_ckpt and created and run_dir.exists():
+        if main and created and run_dir.exists() and not (run_dir / "last.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     if main:
         print(f"done: best val Dice {best:.4f} at epoch {best_epoch}; run folder {run_dir}", flush=True)
     return run_dir
