@@ -171,21 +171,11 @@ def write_checkpoint(path, payload: dict) -> Path:
     return path
 
 
-def save_checkpoint(
-    path,
-    model: nn.Module | dict,
-    *,
-    model_name: str,
-    model_kwargs: dict,
-    preprocessing: dict,
-    class_names: list[str],
-    extra: dict | None = None,
-    training_state: dict | None = None,
-) -> Path:
-    """Snapshot and write a checkpoint atomically (``checkpoint_payload``, then ``write_checkpoint``)."""
-    return write_checkpoint(path, checkpoint_payload(
-        model, model_name=model_name, model_kwargs=model_kwargs, preprocessing=preprocessing,
-        class_names=class_names, extra=extra, training_state=training_state))
+def save_checkpoint(path, model: nn.Module | dict, **fields) -> Path:
+    """Snapshot and write a checkpoint atomically: ``write_checkpoint(path, checkpoint_payload(model, **fields))``,
+    ``fields`` being ``checkpoint_payload``'s keywords (model_name, model_kwargs, preprocessing, class_names, extra,
+    training_state)."""
+    return write_checkpoint(path, checkpoint_payload(model, **fields))
 
 
 def read_checkpoint(path) -> dict:
