@@ -217,7 +217,7 @@ def test_cli_full_disk_or_forbidden_folder_is_one_line(capsys):
     from vm_unet.training.cli import run_cli
 
     def full_disk(argv):
-        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt")
+        raise OSError(errno.ENOSPC, "No space left on device", Path("runs/x/last.pt"))
     assert run_cli(full_disk) == 2
     assert capsys.readouterr().err.strip() == "error: runs/x/last.pt: No space left on device"
 

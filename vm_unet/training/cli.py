@@ -35,7 +35,7 @@ def run_cli(fn, argv=None) -> int:
     except OSError as e:
         if e.errno not in _USER_OS_ERRORS:
             raise
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
+        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

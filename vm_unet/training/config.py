@@ -27,8 +27,8 @@ DEFAULTS: dict = {
         "loss": {"ce_weight": 1.0, "dice_weight": 1.0}, "nan_policy": "stop", "val_batch_size": None,
         "overlays": 4, "hd95": True, "keep_epoch_checkpoints": False, "log_every": 10, "compile": False,
         "cuda_graphs": False, "grad_checkpointing": False,
-        # processes computing validation HD95 beside the GPU's forward passes (auto: on CUDA, half the cores a
-        # process, at most 8; 0: in the training process)
+        # processes computing validation HD95 beside the GPU's forward passes (auto: on CUDA, half the cores
+        # shared among the node's training processes, at most 8; 0: in the training process)
         "metric_workers": "auto",
     },
 }
