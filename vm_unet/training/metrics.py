@@ -145,7 +145,7 @@ class SegMetrics:
         for b in range(pred.shape[0]):
             row = {"name": names[b], "case": (cases or names)[b]}
             for c in range(1, self.n):
-                suf = "" if self.n == 2 else f"_{self.class_names[c]}"
+                suf = self._suffix(c)
                 row[f"dice{suf}"] = float(dice[b, c - 1])
                 row[f"iou{suf}"] = float(iou[b, c - 1])
                 row[f"hd95{suf}"] = float(hd[b, c - 1])
@@ -155,6 +155,10 @@ class SegMetrics:
                 row["dice"] = float(np.mean([row[f"dice_{self.class_names[c]}"] for c in range(1, self.n)]))
                 row["iou"] = float(np.mean([row[f"iou_{self.class_names[c]}"] for c in range(1, self.n)]))
             self.rows.append(row)
+
+    def _suffix(self, c: int) -> str:
+        """Per-class column suffix of class ``c``: none for a binary task, ``_<name>`` otherwise."""
+        return "" if self.n == 2 else f"_{self.class_names[c]}"
 
     def _collect(self):
         """Fill in the HD95 values computed in the pool. A pool whose worker died (e.g. killed for memory) is given
@@ -168,7 +172,7 @@ class SegMetrics:
             for b in range(hd.shape[0]):
                 row = self.rows[first + b]
                 for c in range(1, self.n):
-                    row["hd95" if self.n == 2 else f"hd95_{self.class_names[c]}"] = float(hd[b, c - 1])
+                    row[f"hd95{self._suffix(c)}"] = float(hd[b, c - 1])
         self.pending = []
 
     def _without_pool(self):
