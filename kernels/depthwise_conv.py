@@ -88,6 +88,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
+    # the gradient into x's layout here, outside the op: under torch.compile this copy is part of the traced graph,
+    # and inductor writes the gradient in that layout from the kernel that makes it (the SiLU's backward) instead of
+    # copying it inside the op (stage 1 at 256² batch 32: 141 µs a layer, BENCHMARKS.md, thirtieth session)
+    grad = grad.contiguous(memory_format=_layout(x))
     dx, dw, db = depthwise3x3_conv_bwd(grad, x, weight, ctx.has_bias)
     return dx, dw, db if ctx.has_bias else None
 

@@ -599,6 +599,27 @@ def test_depthwise_conv2d_eager_threshold(monkeypatch):
         assert bool(calls) == fused and rel(y, torch.nn.functional.conv2d(x, w, None, padding=1, groups=3)) < 1e-6
 
 
+# the gradient reaches the backward op already in the conv's layout: the copy is in the autograd formula, where
+# torch.compile fuses it into the kernel that makes the gradient
+@cpu_only
+@pytest.mark.parametrize("last", [False, True])
+def test_depthwise_conv_gradient_enters_the_op_in_its_layout(last, monkeypatch):
+    from vm_unet.kernels import depthwise_conv
+    monkeypatch.setattr(depthwise_conv, "EAGER_MIN_POSITIONS", 0)
+    seen = []
+
+    def spy(grad, x, weight, has_bias):
+        seen.append((grad.stride(), x.stride()))
+        return torch.ops.vm_unet.depthwise3x3_conv_bwd(grad, x, weight, has_bias)
+    monkeypatch.setattr(depthwise_conv, "depthwise3x3_conv_bwd", spy)
+    other = torch.contiguous_format if last else torch.channels_last
+    x = torch.randn(2, 4, 5, 3, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    y = depthwise_conv.depthwise_conv2d(x, w, None, channels_last=last)
+    y.backward(torch.randn(y.shape).contiguous(memory_format=other))
+    assert len(seen) == 1 and seen[0][0] == seen[0][1]
+
+
 @cpu_only
 def test_depthwise_conv_ops_pass_opcheck():
     from vm_unet.kernels import depthwise_conv  # noqa: F401 (registers the ops)
