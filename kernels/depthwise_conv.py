@@ -10,9 +10,9 @@ and bias gradients in Triton (``triton_depthwise_conv``).
 Why: cuDNN's weight gradient of a depthwise conv is a reduction over every position into nine numbers a channel, plus
 a second pass for the bias. Channels last it took 1.7x (stage 1 at 256² batch 32) to 4.2x (2048² batch 1) the time
 of the Triton reduction; its forward and input gradient are fast channels last, and 5x slower channel first (where
-eager training at d_state 16 runs them, in the scan's layout; BENCHMARKS.md, twenty-seventh session). ``F.conv2d`` stays the reference and the
-path everywhere else: on CPU, other kernel sizes, and without gradients (where inductor picks the conv's layout
-itself).
+eager training at d_state 16 runs them, in the scan's layout; BENCHMARKS.md, twenty-seventh session). ``F.conv2d``
+stays the reference and the path everywhere else: on CPU, other kernel sizes, and without gradients (where inductor
+picks the conv's layout itself).
 """
 from __future__ import annotations
 
