@@ -1114,6 +1114,25 @@ def test_gpu_lowrank_weight_grad_matches_reference(dtype):
         assert rel(lowrank_weight_grad(ddt, low), ref) < 1e-5
 
 
+# below the Triton reduction's threshold, cuBLAS writes d dt_weight's products in fp32 from half inputs (rounded to
+# bf16 they were about 4e-3 off), for the strides both layouts pass
+@gpu
+@needs_cuda
+def test_gpu_dt_weight_grad_of_half_inputs_keeps_fp32_precision():
+    from vm_unet.kernels.triton_ss2d import DW_TRITON_MIN_L, _dt_weight_grad
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m, L, d, r = 128, 64, 1536, 48
+    assert L < DW_TRITON_MIN_L
+    for channels_last in (False, True):
+        shape = (m, L, d) if channels_last else (m, d, L)
+        ddt = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+        ddt = ddt if channels_last else ddt.transpose(1, 2)
+        low = torch.randn(m, r, L, device="cuda", generator=g).bfloat16().transpose(1, 2)
+        out = _dt_weight_grad(ddt, low)
+        ref = torch.einsum("mld,mlr->mdr", ddt.double(), low.double())
+        assert out.dtype == torch.float32 and rel(out, ref) < 1e-5
+
+
 # compiled, at the blocks' sizes: batch 1 and a large image, and a batch of small ones, in both layouts
 @gpu
 @needs_cuda
