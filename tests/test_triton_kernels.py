@@ -1115,7 +1115,7 @@ def test_gpu_lowrank_weight_grad_matches_reference(dtype):
 
 
 # below the Triton reduction's threshold, cuBLAS writes d dt_weight's products in fp32 from half inputs (rounded to
-# bf16 they were about 4e-3 off), for the strides both layouts pass
+# bf16, each would be off by up to 2**-9), for the strides both layouts pass
 @gpu
 @needs_cuda
 def test_gpu_dt_weight_grad_of_half_inputs_keeps_fp32_precision():
