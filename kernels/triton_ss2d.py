@@ -354,11 +354,16 @@ def _delta_operand(lows: torch.Tensor, W: torch.Tensor, n_state: int, feature_la
     return (delta, *delta.stride(), W, 0, 0), dict(_FLAGS, LOWRANK=False)
 
 
+def _half_bmm_fp32_out(t: torch.Tensor) -> bool:
+    """Whether a GEMM of half-precision ``t`` can write fp32 itself: CUDA, and a PyTorch with
+    ``bmm(..., out_dtype=torch.float32)``."""
+    return t.is_cuda and t.dtype in _HALF and _bmm_has_out_dtype()
+
+
 def _half_gemm_fp32_out(lows: torch.Tensor, numel: int) -> bool:
-    """Whether Δ of ``numel`` elements comes from the half-precision GEMM of ``_delta_gemm``: CUDA, a PyTorch with
-    ``bmm(..., out_dtype=torch.float32)``, and Δ under 2**31 elements (its (K, D, b, L) layout is indexed in int32
-    by the kernels)."""
-    return lows.is_cuda and lows.dtype in _HALF and numel < 2 ** 31 and _bmm_has_out_dtype()
+    """Whether Δ of ``numel`` elements comes from the half-precision GEMM of ``_delta_gemm``: ``_half_bmm_fp32_out``,
+    and Δ under 2**31 elements (its (K, D, b, L) layout is indexed in int32 by the kernels)."""
+    return numel < 2 ** 31 and _half_bmm_fp32_out(lows)
 
 
 @functools.cache
@@ -503,7 +508,7 @@ def _dt_weight_grad(ddt: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """Σ_l ddt[m, l]ᵀ low[m, l]: (M, L, D) x (M, L, R) -> (M, D, R), fp32; any strides."""
     if ddt.shape[1] >= DW_TRITON_MIN_L:
         return lowrank_weight_grad(ddt, low)
-    if ddt.is_cuda and ddt.dtype in _HALF and _bmm_has_out_dtype():
+    if _half_bmm_fp32_out(ddt):
         # written in fp32 by the GEMM: no rounding to half precision before the sum over the batch, and no cast pass
         # (stage 4 at 256² batch 32: 26 µs a layer, BENCHMARKS.md, thirtieth session)
         return torch.bmm(ddt.transpose(1, 2), low, out_dtype=torch.float32)
