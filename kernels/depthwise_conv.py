@@ -5,7 +5,8 @@ and bias gradients in Triton (``triton_depthwise_conv``).
     weight   (C, 1, 3, 3)   the conv's weight, any float dtype (its gradient comes back in its dtype)
     bias     (C,) or None
     returns  (b, C, H, W)   ``F.conv2d(x, weight, bias, padding=1, groups=C)`` in x's dtype, channels last or
-                            channel first as asked: the layout the conv and its input gradient run in
+                            channel first as asked: the layout the conv and its input gradient run in (the
+                            bias added after the custom op, see ``depthwise3x3_conv``)
 
 Why: cuDNN's weight gradient of a depthwise conv is a reduction over every position into nine numbers a channel, plus
 a second pass for the bias. Channels last it took 1.7x (stage 1 at 256² batch 32) to 4.2x (2048² batch 1) the time
